@@ -1,0 +1,160 @@
+"""The manifest of a model package (``models/<id>/manifest.yaml``) and its validation.
+
+A manifest locks a model version: who made it, what it is for, its regulatory status, the
+SHA-256 of its weights, which series it applies to, how pixels are prepared, and which coded
+finding each output is, with the threshold and the priority that finding implies
+(DESIGN.md, "Models").
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from triage.errors import ModelPackageError
+from triage.findings import CodedConcept
+from triage.priority import PriorityClass
+
+MANIFEST_NAME = "manifest.yaml"
+
+_UID = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)]
+_NAME = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are refused so that a typo in a manifest cannot silently drop a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Rescale(StrEnum):
+    """How stored pixel values are turned into model input."""
+
+    HU = "hu"  # Rescale Slope/Intercept applied (PS3.3 C.11.1.1.2): Hounsfield units for CT
+    RAW = "raw"  # stored values, MONOCHROME1 inverted so that higher is brighter
+
+
+class SliceReduction(StrEnum):
+    """How per-slice probabilities become one probability per series."""
+
+    MAX = "max"
+
+
+class Applicability(_Strict):
+    """Which series a model may analyse (its intended use, in DICOM attributes)."""
+
+    modalities: list[Annotated[str, Field(pattern=r"^[A-Z0-9_]{1,16}$")]] = Field(min_length=1)
+    sop_class_uids: list[_UID] = Field(default_factory=list)
+    min_instances: int = Field(default=1, ge=1)
+    max_instances: int = Field(default=10_000, ge=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> Applicability:
+        if self.min_instances > self.max_instances:
+            raise ValueError(
+                f"min_instances ({self.min_instances}) exceeds max_instances ({self.max_instances})"
+            )
+        return self
+
+
+class Preprocessing(_Strict):
+    """How a series becomes the model input tensor [N, 1, size, size]."""
+
+    input: _NAME
+    size: int = Field(ge=8, le=2048)
+    rescale: Rescale
+    slice_reduction: SliceReduction = SliceReduction.MAX
+
+
+class Concept(_Strict):
+    """A coded concept as in a DICOM Code Sequence (PS3.3 8.8)."""
+
+    code_value: Annotated[str, Field(min_length=1, max_length=64)]
+    scheme_designator: Annotated[str, Field(min_length=1, max_length=16)]
+    code_meaning: Annotated[str, Field(min_length=1, max_length=64)]
+
+    def coded(self) -> CodedConcept:
+        return CodedConcept(self.code_value, self.scheme_designator, self.code_meaning)
+
+
+class OutputLabel(_Strict):
+    """One finding the model reports: a column of one ONNX output."""
+
+    label: _NAME
+    output: _NAME
+    index: int = Field(default=0, ge=0)
+    concept: Concept
+    threshold: float = Field(ge=0.0, le=1.0)
+    priority: PriorityClass
+
+
+class Runtime(_Strict):
+    """onnxruntime settings of the model's session."""
+
+    threads: int = Field(default=1, ge=1, le=64)
+    batch_size: int = Field(default=8, ge=1, le=1024)
+
+
+class Manifest(_Strict):
+    """The whole ``manifest.yaml`` of a model package."""
+
+    id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
+    version: Annotated[str, Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,31}$")]
+    name: _NAME
+    manufacturer: _NAME
+    description: Annotated[str, Field(min_length=1)]
+    intended_use: Annotated[str, Field(min_length=1)]
+    regulatory_status: _NAME
+    onnx_file: Annotated[str, Field(pattern=r"^[^/\\]+\.onnx$")]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    applicability: Applicability
+    preprocessing: Preprocessing
+    outputs: list[OutputLabel] = Field(min_length=1)
+    runtime: Runtime = Field(default_factory=Runtime)
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> Manifest:
+        labels = [o.label for o in self.outputs]
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate output labels: {', '.join(duplicates)}")
+        return self
+
+    @property
+    def key(self) -> str:
+        """``id@version``, how the model is named in job ids and SR UIDs."""
+        return f"{self.id}@{self.version}"
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest; any problem raises ModelPackageError naming file and field."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ModelPackageError(f"{path}: cannot read manifest: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelPackageError(f"{path}: manifest must be a mapping, got {type(data).__name__}")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise ModelPackageError(f"{path}: {_describe(exc)}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line per problem: ``field.path: message (got value)``."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        # Our own validators already put the offending values in the message.
+        got = "" if error["type"] == "value_error" else f" (got {_short(error.get('input'))})"
+        lines.append(f"{where}: {error['msg']}{got}")
+    return "; ".join(lines)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
