@@ -1,0 +1,34 @@
+"""The FastAPI application: API under /api/v1, health check, and the worklist web page."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import redis
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
+
+from triage import __version__
+from triage.api.routes import health, studies, worklist
+from triage.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="Triage",
+        version=__version__,
+        description="Prioritised worklist of studies analysed by AI models (advisory only).",
+    )
+    app.state.settings = settings
+    app.state.redis = redis.Redis.from_url(settings.redis_connection_url)
+    app.include_router(health.router)
+    app.include_router(worklist.router)
+    app.include_router(studies.router)
+    page = resources.files("triage.web").joinpath("index.html").read_text()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> str:
+        return page
+
+    return app

@@ -1,0 +1,177 @@
+"""The ``triage`` command: runs the stack and its parts, and administers it.
+
+Every command builds its settings from the same ``TRIAGE_`` environment and data directory as
+the stack it talks to.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import click
+import redis
+
+from triage.logs import configure_logging
+from triage.settings import DEFAULT_WORKERS, Settings
+from triage.tokens import Role, create_token
+
+log = logging.getLogger("triage")
+
+
+def _settings(data_dir: Path | None = None) -> Settings:
+    if data_dir is not None:
+        # Child processes inherit the environment: they must see the same data directory.
+        os.environ["TRIAGE_DATA_DIR"] = str(data_dir.resolve())
+    return Settings()
+
+
+@click.group()
+def main() -> None:
+    """PACS-side AI triage service."""
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Data directory (default TRIAGE_DATA_DIR or ./var).")
+@click.option("--workers", type=int, default=DEFAULT_WORKERS, show_default=True)
+@click.option("--samples/--no-samples", default=False,
+              help="Send the bundled sample studies once the stack is up.")
+def up(data_dir: Path | None, workers: int, samples: bool) -> None:
+    """Start Orthanc, Redis, the watcher, the workers and the API; Ctrl-C stops them all."""
+    from triage.stack import Stack, install_signal_handlers
+
+    configure_logging("up")
+    settings = _settings(data_dir)
+    stack = Stack(settings, workers=workers)
+    install_signal_handlers(stack)
+    try:
+        stack.start()
+        token = create_token(redis.Redis.from_url(settings.redis_connection_url),
+                             role=Role.ADMIN, owner="local-admin")
+        if samples:
+            _send_samples(settings)
+        _announce(settings, token)
+        stack.supervise()
+    finally:
+        stack.stop()
+        click.echo("stack stopped")
+
+
+def _announce(settings: Settings, token: str) -> None:
+    click.echo(
+        f"\nTriage is running (data in {settings.data_dir}).\n"
+        f"  Worklist:       {settings.api_base_url}/\n"
+        f"  API docs:       {settings.api_base_url}/docs\n"
+        f"  Admin token:    {token}\n"
+        f"  Send studies:   storescu -aec {settings.orthanc_aet} 127.0.0.1 "
+        f"{settings.orthanc_dicom_port} FILES...\n"
+        f"  Orthanc:        {settings.orthanc_base_url} (user {settings.orthanc_username}, "
+        f"password in {settings.data_dir / 'secrets.json'})\n"
+        "Press Ctrl-C to stop.\n",
+    )
+
+
+def _send_samples(settings: Settings) -> None:
+    from triage.samples import write_samples
+
+    folders = write_samples(settings.data_dir / "samples")
+    for folder in folders:
+        send_with_storescu(settings, sorted(folder.glob("*.dcm")))
+    click.echo(f"sent {len(folders)} sample studies with storescu")
+
+
+def send_with_storescu(settings: Settings, files: list[Path]) -> None:
+    """C-STORE ``files`` to the stack's Orthanc with dcmtk's storescu."""
+    storescu = shutil.which("storescu")
+    if storescu is None:
+        raise click.ClickException("storescu not found: install Debian package dcmtk")
+    subprocess.run(
+        [storescu, "-aet", "TRIAGE-DEMO", "-aec", settings.orthanc_aet, "127.0.0.1",
+         str(settings.orthanc_dicom_port), *map(str, files)],
+        check=True, env={**os.environ, "TCP_NODELAY": "1"},
+    )
+
+
+@main.command()
+def watcher() -> None:
+    """Follow Orthanc's change log and queue stable studies."""
+    import redis as redis_lib
+
+    from triage.orthanc import OrthancClient
+    from triage.watcher import Watcher
+
+    configure_logging("watcher")
+    settings = Settings()
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    Watcher(settings, OrthancClient.from_settings(settings),
+            redis_lib.Redis.from_url(settings.redis_connection_url)).run(stop)
+
+
+@main.command()
+@click.option("--burst", is_flag=True, help="Exit when the queues are empty.")
+def worker(burst: bool) -> None:
+    """Analyse queued studies (urgent first, then default, then bulk)."""
+    from triage.workers import run_worker
+
+    configure_logging("worker")
+    run_worker(burst=burst)
+
+
+@main.command()
+def api() -> None:
+    """Serve the API and web pages."""
+    import uvicorn
+
+    from triage.api.app import create_app
+
+    configure_logging("api")
+    settings = Settings()
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,
+                log_level="warning")
+
+
+@main.group()
+def token() -> None:
+    """API tokens."""
+
+
+@token.command("create")
+@click.option("--role", type=click.Choice([r.value for r in Role]), required=True)
+@click.option("--owner", default=None, help="Who the token is for (default: the OS user).")
+def token_create(role: str, owner: str | None) -> None:
+    """Print a new bearer token; only its hash is stored."""
+    settings = Settings()
+    owner = owner or os.environ.get("USER", "unknown")
+    click.echo(create_token(redis.Redis.from_url(settings.redis_connection_url),
+                            role=Role(role), owner=owner))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+def samples(directory: Path) -> None:
+    """Write the bundled sample studies as DICOM files under DIRECTORY."""
+    from triage.samples import write_samples
+
+    for folder in write_samples(directory):
+        click.echo(folder)
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    import signal
+
+    def handler(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

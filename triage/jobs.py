@@ -1,0 +1,216 @@
+"""The analysis job: one RQ job per study, a plain function of identifiers.
+
+Everything the job needs (settings, Orthanc and Redis clients, the model registry with its
+onnxruntime sessions) is built once per worker process and reused by every job.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache
+
+import pydicom
+import redis
+from rq import get_current_job
+
+from triage.errors import PermanentError, TransientError
+from triage.findings import ModelResult
+from triage.inference import run_model
+from triage.ingest import SourceSeries, StudySnapshot, snapshot_study
+from triage.logs import pseudonym
+from triage.orthanc import OrthancClient
+from triage.priority import highest
+from triage.registry import ModelPackage, ModelRegistry
+from triage.report import build_report
+from triage.selection import select_series
+from triage.settings import Settings, get_settings
+from triage.worklist import (
+    FindingItem,
+    ResultItem,
+    SeriesItem,
+    StudyStatus,
+    Worklist,
+    WorklistItem,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    orthanc: OrthancClient
+    redis: redis.Redis
+    registry: ModelRegistry
+
+    @property
+    def worklist(self) -> Worklist:
+        return Worklist(self.redis)
+
+
+@cache
+def context() -> WorkerContext:
+    """The per-process context; models are loaded here, once, not per study."""
+    settings = get_settings()
+    registry = ModelRegistry.load(settings.models_dir)
+    for model_id, error in registry.errors.items():
+        log.error("model package %s refused: %s", model_id, error)
+    return WorkerContext(
+        settings=settings,
+        orthanc=OrthancClient.from_settings(settings),
+        redis=redis.Redis.from_url(settings.redis_connection_url),
+        registry=registry,
+    )
+
+
+def analyse_study(orthanc_id: str, study_instance_uid: str, inputs: str) -> str:
+    """Analyse one study and record the outcome; returns the final status.
+
+    Permanent problems end the study as ``skipped`` or ``failed`` with a readable reason at
+    once; transient ones are raised so RQ retries, and the study is ``failed`` only when the
+    last retry fails too.
+    """
+    ctx = context()
+    key = pseudonym(study_instance_uid)
+    _set_status(ctx, study_instance_uid, StudyStatus.ANALYSING, "")
+    try:
+        status = _analyse(ctx, orthanc_id, study_instance_uid, inputs)
+    except PermanentError as exc:
+        status = StudyStatus.SKIPPED
+        _set_status(ctx, study_instance_uid, status, str(exc))
+    except TransientError as exc:
+        job = get_current_job()
+        if job is not None and job.retries_left:
+            _set_status(ctx, study_instance_uid, StudyStatus.QUEUED, f"will retry: {exc}")
+        else:
+            _set_status(ctx, study_instance_uid, StudyStatus.FAILED, str(exc))
+        raise
+    except Exception as exc:
+        _set_status(ctx, study_instance_uid, StudyStatus.FAILED,
+                    f"analysis error: {type(exc).__name__}: {exc}")
+        raise
+    log.info("study %s %s", key, status.value)
+    return status.value
+
+
+def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str, inputs: str) -> StudyStatus:
+    snapshot = snapshot_study(ctx.orthanc, orthanc_id, sop_classes=True)
+    _record_series(ctx, snapshot)
+    if snapshot.inputs != inputs:
+        # More instances arrived since the job was queued; the watcher queues the new set.
+        log.info("study %s changed since queued; analysing the current set",
+                 pseudonym(study_uid))
+    chosen, reasons = _select(ctx.registry.packages, snapshot)
+    if not chosen:
+        reason = "; ".join(reasons) or "no model is installed"
+        _set_status(ctx, study_uid, StudyStatus.SKIPPED, reason)
+        return StudyStatus.SKIPPED
+    results: list[ModelResult] = []
+    evidence: dict[str, pydicom.Dataset] = {}
+    for package, series in chosen:
+        started = time.perf_counter()
+        datasets = fetch_series(ctx, series)
+        fetched = time.perf_counter() - started
+        result = run_model(package, datasets)
+        results.append(_with_timing(result, "fetch", fetched))
+        for ds in datasets:
+            evidence.setdefault(ds.SOPInstanceUID, ds)
+    started = time.perf_counter()
+    report = build_report(evidence=list(evidence.values()), results=results,
+                          inputs_fingerprint=snapshot.inputs)
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, report, enforce_file_format=True)
+    ctx.orthanc.store(buffer.getvalue())
+    report_seconds = time.perf_counter() - started
+    _record_results(ctx, snapshot, results, str(report.SOPInstanceUID), report_seconds)
+    return StudyStatus.ANALYSED
+
+
+def _select(packages: Sequence[ModelPackage], snapshot: StudySnapshot
+            ) -> tuple[list[tuple[ModelPackage, SourceSeries]], list[str]]:
+    by_uid = {s.info.series_instance_uid: s for s in snapshot.series}
+    chosen, reasons = [], []
+    for package in packages:
+        try:
+            info = select_series(package.manifest, [s.info for s in snapshot.series])
+        except PermanentError as exc:
+            reasons.append(str(exc))
+            continue
+        chosen.append((package, by_uid[info.series_instance_uid]))
+    return chosen, reasons
+
+
+def fetch_series(ctx: WorkerContext, series: SourceSeries) -> list[pydicom.Dataset]:
+    """Download every instance of a series from Orthanc, several at a time."""
+    def fetch(instance_id: str) -> pydicom.Dataset:
+        return pydicom.dcmread(io.BytesIO(ctx.orthanc.instance_file(instance_id)))
+
+    with ThreadPoolExecutor(max_workers=ctx.settings.fetch_threads) as pool:
+        return list(pool.map(fetch, series.instance_ids))
+
+
+def _with_timing(result: ModelResult, name: str, seconds: float) -> ModelResult:
+    timings = {**result.timings, name: seconds}
+    return ModelResult(model=result.model, series_instance_uid=result.series_instance_uid,
+                       input_sop_instance_uids=result.input_sop_instance_uids,
+                       findings=result.findings, timings=timings)
+
+
+def _set_status(ctx: WorkerContext, study_uid: str, status: StudyStatus, reason: str) -> None:
+    def change(item: WorklistItem) -> WorklistItem:
+        return item.model_copy(update={"status": status, "status_reason": reason})
+
+    ctx.worklist.update(study_uid, change, event="status")
+
+
+def _record_series(ctx: WorkerContext, snapshot: StudySnapshot) -> None:
+    series = [SeriesItem(series_instance_uid=s.info.series_instance_uid,
+                         modality=s.info.modality, description=s.info.description,
+                         body_part=s.info.body_part, n_instances=s.info.n_instances)
+              for s in snapshot.series]
+    ctx.worklist.update(snapshot.study_instance_uid,
+                        lambda item: item.model_copy(update={"series": series}))
+
+
+def _record_results(ctx: WorkerContext, snapshot: StudySnapshot, results: list[ModelResult],
+                    sr_uid: str, report_seconds: float) -> None:
+    findings = [
+        FindingItem(code=f.concept.value, scheme=f.concept.scheme, meaning=f.concept.meaning,
+                    probability=f.probability, threshold=f.threshold, positive=f.positive,
+                    priority=f.priority, model=r.model.id, model_version=r.model.version,
+                    key_sop_instance_uid=f.key_sop_instance_uid)
+        for r in results for f in r.findings
+    ]
+    result_items = [
+        ResultItem(model=r.model.id, model_version=r.model.version, model_name=r.model.name,
+                   weights_sha256=r.model.weights_sha256,
+                   regulatory_status=r.model.regulatory_status,
+                   series_instance_uid=r.series_instance_uid,
+                   n_instances=len(r.input_sop_instance_uids),
+                   timings={**r.timings, "report": report_seconds})
+        for r in results
+    ]
+    raised = [f for f in findings if f.positive and f.priority is not None]
+
+    def change(item: WorklistItem) -> WorklistItem:
+        # AI may raise the priority, never lower it (DESIGN.md, "Priorities").
+        priority = highest([item.clinical_priority, *(f.priority for f in raised)])
+        reasons = [r for r in item.priority_reasons if not r.startswith("AI: ")]
+        reasons += [f"AI: {f.meaning} (p={f.probability:.2f}, {f.model} {f.model_version})"
+                    for f in raised]
+        return item.model_copy(update={
+            "status": StudyStatus.ANALYSED, "status_reason": "",
+            "priority": priority, "priority_reasons": reasons,
+            "score": max((f.probability for f in findings), default=0.0),
+            "findings": findings, "results": result_items,
+            "analysed_at": utcnow(), "sr_sop_instance_uid": sr_uid,
+        })
+
+    ctx.worklist.update(snapshot.study_instance_uid, change, event="analysed")
+

@@ -1,0 +1,148 @@
+"""Adapter over Orthanc's REST API (through pyorthanc), the service's source of truth.
+
+Every HTTP or connection error is translated here, once, into ``TransientError`` (retry later:
+Orthanc is down, restarting, overloaded) or ``PermanentError`` (the resource is gone or the
+request is invalid).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+import pydicom
+from pyorthanc import Orthanc
+
+from triage.errors import PermanentError, TransientError
+from triage.settings import Settings
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 60.0
+# Orthanc answers these while starting or overloaded; anything else 4xx is permanent.
+_TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+class StudyGone(PermanentError):
+    """The study was deleted from Orthanc before it could be analysed."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of Orthanc's change log (``/changes``)."""
+
+    seq: int
+    change_type: str
+    resource_id: str
+    resource_type: str
+
+
+@dataclass(frozen=True)
+class ChangesPage:
+    changes: list[Change]
+    last: int
+    done: bool
+
+
+@contextmanager
+def _translated(what: str) -> Iterator[None]:
+    try:
+        yield
+    except httpx.HTTPStatusError as exc:
+        status = exc.response.status_code
+        if status in _TRANSIENT_STATUS:
+            raise TransientError(f"Orthanc answered {status} to {what}") from exc
+        if status == 404:
+            raise StudyGone(f"not found in Orthanc: {what}") from exc
+        raise PermanentError(f"Orthanc refused {what} ({status})") from exc
+    except httpx.TransportError as exc:
+        raise TransientError(f"Orthanc unreachable for {what}: {type(exc).__name__}") from exc
+
+
+class OrthancClient:
+    """The few Orthanc calls the service needs, with errors translated."""
+
+    def __init__(self, base_url: str, username: str | None, password: str | None,
+                 *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api = Orthanc(self.base_url, username=username, password=password,
+                            timeout=timeout)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OrthancClient:
+        return cls(settings.orthanc_base_url, settings.orthanc_username, settings.orthanc_secret)
+
+    def close(self) -> None:
+        self._api.close()
+
+    def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with _translated(what):
+            return fn(*args, **kwargs)
+
+    # -- system and change feed -------------------------------------------------------------
+
+    def system(self) -> dict[str, Any]:
+        return self._call("GET /system", self._api.get_system)
+
+    def changes(self, since: int, limit: int = 200) -> ChangesPage:
+        raw = self._call("GET /changes", self._api.get_changes,
+                         params={"since": since, "limit": limit})
+        changes = [
+            Change(seq=c["Seq"], change_type=c["ChangeType"], resource_id=c["ID"],
+                   resource_type=c["ResourceType"])
+            for c in raw["Changes"]
+        ]
+        return ChangesPage(changes=changes, last=int(raw["Last"]), done=bool(raw["Done"]))
+
+    def last_change(self) -> int:
+        raw = self._call("GET /changes?last", self._api.get_changes, params={"last": ""})
+        return int(raw["Last"])
+
+    # -- studies --------------------------------------------------------------------------
+
+    def study(self, study_id: str) -> dict[str, Any]:
+        return self._call(f"study {study_id}", self._api.get_studies_id, study_id)
+
+    def study_series(self, study_id: str) -> list[dict[str, Any]]:
+        return self._call(f"series of study {study_id}", self._api.get_studies_id_series,
+                          study_id)
+
+    def series_instances(self, series_id: str) -> list[dict[str, Any]]:
+        return self._call(f"instances of series {series_id}",
+                          self._api.get_series_id_instances, series_id)
+
+    def instance_tags(self, instance_id: str) -> dict[str, Any]:
+        """Simplified tags of one instance (no pixel data)."""
+        return self._call(f"tags of instance {instance_id}", self._api.get_instances_id_tags,
+                          instance_id, params={"simplify": ""})
+
+    def instance_metadata(self, instance_id: str, name: str) -> str:
+        """One metadata item Orthanc keeps per instance (e.g. ``SopClassUid``)."""
+        return self._call(f"metadata {name} of instance {instance_id}",
+                          self._api.get_instances_id_metadata_name, instance_id, name)
+
+    def lookup_study(self, study_instance_uid: str) -> str | None:
+        """Orthanc id of the study with this Study Instance UID, if Orthanc has it."""
+        found = self._call("lookup", self._api.post_tools_lookup, study_instance_uid)
+        ids = [r["ID"] for r in found if r["Type"] == "Study"]
+        return ids[0] if ids else None
+
+    def studies(self) -> list[str]:
+        return self._call("GET /studies", self._api.get_studies)
+
+    # -- instances ------------------------------------------------------------------------
+
+    def instance_file(self, instance_id: str) -> bytes:
+        return self._call(f"file of instance {instance_id}", self._api.get_instances_id_file,
+                          instance_id)
+
+    def instance_dataset(self, instance_id: str) -> pydicom.Dataset:
+        return pydicom.dcmread(io.BytesIO(self.instance_file(instance_id)))
+
+    def store(self, dicom_bytes: bytes) -> dict[str, Any]:
+        """Store one DICOM file; an instance Orthanc already has is reported, not duplicated."""
+        return self._call("POST /instances", self._api.post_instances, dicom_bytes)

@@ -1,0 +1,63 @@
+"""The RQ queues of the service and how an analysis is enqueued.
+
+Every worker serves ``urgent`` before ``default`` before ``bulk`` (DESIGN.md, "Priorities"):
+urgent work never waits behind a backlog of routine work.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import redis
+from rq import Queue, Retry
+from rq.job import Job, JobStatus
+
+from triage.settings import Settings
+
+# Waits between retries of a transient failure (Orthanc or Redis briefly unreachable).
+RETRY_INTERVALS = [5, 15, 60]
+# How long RQ keeps finished and failed jobs (seconds): long enough for admins to look.
+RESULT_TTL = 24 * 3600
+FAILURE_TTL = 14 * 24 * 3600
+
+
+class QueueName(str, Enum):
+    URGENT = "urgent"
+    DEFAULT = "default"
+    BULK = "bulk"
+
+
+QUEUE_ORDER = (QueueName.URGENT, QueueName.DEFAULT, QueueName.BULK)
+
+
+def queues(connection: redis.Redis) -> list[Queue]:
+    """The service's queues in the order workers serve them."""
+    return [Queue(name.value, connection=connection) for name in QUEUE_ORDER]
+
+
+def job_pending(connection: redis.Redis, job_id: str) -> bool:
+    """True when the job exists and has not ended (queued, started, scheduled for retry)."""
+    try:
+        job = Job.fetch(job_id, connection=connection)
+    except Exception:  # noqa: BLE001 - rq raises NoSuchJobError or a deserialisation error
+        return False
+    return job.get_status(refresh=False) in (
+        JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED,
+    )
+
+
+def enqueue_analysis(connection: redis.Redis, settings: Settings, *, queue: QueueName,
+                     job_id: str, orthanc_id: str, study_instance_uid: str,
+                     inputs: str) -> Job:
+    """Enqueue ``triage.jobs.analyse_study`` under a deterministic job id."""
+    retries = settings.job_retries
+    return Queue(queue.value, connection=connection).enqueue(
+        "triage.jobs.analyse_study",
+        orthanc_id, study_instance_uid, inputs,
+        job_id=job_id,
+        job_timeout=settings.job_timeout,
+        result_ttl=RESULT_TTL,
+        failure_ttl=FAILURE_TTL,
+        retry=Retry(max=retries, interval=RETRY_INTERVALS[:retries] or [0]) if retries else None,
+        description=f"analyse study {orthanc_id}",
+    )

@@ -1,0 +1,174 @@
+"""Starting and stopping the local Orthanc and Redis from Debian's packages.
+
+Hospitals run Orthanc and Redis as containers (docker-compose.yml); on a developer machine and
+in CI there is no container engine, so the local stack runs the Debian binaries as child
+processes with configuration generated into the data directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import IO
+
+import redis
+
+from triage.errors import TransientError
+from triage.orthanc import OrthancClient
+from triage.settings import PROJECT_ROOT, Settings
+
+ORTHANC_BINARY = "/usr/sbin/Orthanc"
+ORTHANC_PLUGINS = (
+    "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+    "/usr/share/orthanc/plugins/libOrthancGdcm.so",
+)
+REDIS_BINARY = "/usr/bin/redis-server"
+ORTHANC_TEMPLATE = PROJECT_ROOT / "orthanc" / "orthanc.json.template"
+DEFAULT_START_TIMEOUT = 60.0
+DEFAULT_STOP_TIMEOUT = 20.0
+
+
+@dataclass
+class ManagedProcess:
+    """A child process with its output in a log file; stopped by PID, never by name."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+    popen: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            self.argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env}, cwd=self.cwd,
+            # Own process group: Ctrl-C in the terminal reaches the supervisor only, which
+            # then stops the children in order.
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            assert self.popen is not None
+            self.popen.send_signal(signum)
+
+    def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout)
+        if self._log:
+            self._log.close()
+            self._log = None
+        return self.popen.returncode
+
+
+def render_orthanc_config(settings: Settings) -> Path:
+    """Write ``<data dir>/orthanc/orthanc.json`` from the template in ``orthanc/``."""
+    root = settings.data_dir / "orthanc"
+    storage = root / "db"
+    storage.mkdir(parents=True, exist_ok=True)
+    plugins = [p for p in ORTHANC_PLUGINS if Path(p).exists()]
+    values = {
+        "STORAGE_DIR": json.dumps(str(storage)),
+        "PLUGINS": json.dumps(plugins),
+        "HTTP_PORT": str(settings.orthanc_http_port),
+        "DICOM_PORT": str(settings.orthanc_dicom_port),
+        "AET": json.dumps(settings.orthanc_aet),
+        "USERNAME": json.dumps(settings.orthanc_username),
+        "PASSWORD": json.dumps(settings.orthanc_secret),
+        "STABLE_AGE": str(settings.stable_age),
+    }
+    text = Template(ORTHANC_TEMPLATE.read_text()).substitute(values)
+    path = root / "orthanc.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    return path
+
+
+def orthanc_process(settings: Settings) -> ManagedProcess:
+    config = render_orthanc_config(settings)
+    return ManagedProcess(
+        name="orthanc",
+        argv=[ORTHANC_BINARY, "--logdir=" + str(settings.log_dir), str(config)],
+        log_path=settings.log_dir / "orthanc.out",
+        # Debian's Orthanc keeps Nagle's algorithm on without this (DESIGN.md, gotchas).
+        env={"TCP_NODELAY": "1"},
+    )
+
+
+def redis_process(settings: Settings) -> ManagedProcess:
+    directory = settings.data_dir / "redis"
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = [
+        REDIS_BINARY, "--port", str(settings.redis_port), "--bind", "127.0.0.1",
+        "--dir", str(directory), "--appendonly", "yes", "--appendfsync", "everysec",
+        "--save", "", "--daemonize", "no", "--protected-mode", "yes",
+        "--logfile", "",
+    ]
+    secret = settings.redis_secret
+    if secret:
+        argv += ["--requirepass", secret]
+    return ManagedProcess(name="redis", argv=argv, log_path=settings.log_dir / "redis.log")
+
+
+def wait_for_orthanc(settings: Settings, process: ManagedProcess | None = None,
+                     timeout: float = DEFAULT_START_TIMEOUT) -> None:
+    client = OrthancClient.from_settings(settings)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if process is not None and not process.alive():
+                raise RuntimeError(f"Orthanc exited at start; see {process.log_path}")
+            try:
+                client.system()
+                return
+            except TransientError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        client.close()
+
+
+def wait_for_redis(settings: Settings, process: ManagedProcess | None = None,
+                   timeout: float = DEFAULT_START_TIMEOUT) -> None:
+    connection = redis.Redis.from_url(settings.redis_connection_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if process is not None and not process.alive():
+                raise RuntimeError(f"Redis exited at start; see {process.log_path}")
+            try:
+                connection.ping()
+                return
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        connection.close()

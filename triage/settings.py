@@ -1,0 +1,150 @@
+"""The one settings object of the service: environment variables prefixed ``TRIAGE_``.
+
+Every process of a stack (API, watcher, workers, the ``triage`` commands) builds the same
+``Settings`` from the same environment and data directory, so they all talk to the same
+Orthanc and Redis. Secrets that are not given in the environment are generated once into the
+data directory (``secrets.json``, mode 0600) by the local stack and read back from there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import quote
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Where a checkout keeps its model packages and the Orthanc configuration template.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULT_STABLE_AGE = 5
+DEFAULT_WORKERS = 2
+SECRETS_FILE = "secrets.json"
+_PLACEHOLDERS = {"", "changeme", "change-me", "password", "secret", "orthanc"}
+
+
+class Settings(BaseSettings):
+    """Configuration of one triage stack. Field ``x`` is read from ``TRIAGE_X``."""
+
+    model_config = SettingsConfigDict(env_prefix="TRIAGE_", extra="ignore")
+
+    data_dir: Path = Path("var")
+    models_dir: Path = PROJECT_ROOT / "models"
+
+    orthanc_url: str | None = Field(
+        default=None, description="Base URL of an Orthanc run elsewhere (compose); local if unset"
+    )
+    orthanc_http_port: int = 8042
+    orthanc_dicom_port: int = 4242
+    orthanc_aet: str = "TRIAGE"
+    orthanc_username: str = "triage"
+    orthanc_password: str | None = None
+
+    redis_url: str | None = Field(
+        default=None, description="URL of a running Redis; the local stack starts one if unset"
+    )
+    redis_port: int = 6379
+    redis_password: str | None = None
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    public_url: str | None = Field(
+        default=None, description="URL people use to reach the web pages (printed by triage up)"
+    )
+
+    stable_age: int = Field(default=DEFAULT_STABLE_AGE, ge=1)
+    watcher_poll_seconds: float = Field(default=1.0, gt=0)
+    job_timeout: int = Field(default=600, ge=10)
+    job_retries: int = Field(default=3, ge=0)
+    fetch_threads: int = Field(default=4, ge=1)
+    development: bool = Field(
+        default=True, description="Allows generated secrets; hospitals set it to false"
+    )
+
+    @field_validator("data_dir", "models_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("orthanc_password", "redis_password")
+    @classmethod
+    def _no_placeholder(cls, value: str | None) -> str | None:
+        if value is not None and value.strip().lower() in _PLACEHOLDERS:
+            raise ValueError(f"placeholder secret {value!r} refused: set a real one")
+        return value
+
+    # -- derived values -------------------------------------------------------------------
+
+    @property
+    def local_orthanc(self) -> bool:
+        return self.orthanc_url is None
+
+    @property
+    def local_redis(self) -> bool:
+        return self.redis_url is None
+
+    @property
+    def orthanc_base_url(self) -> str:
+        return (self.orthanc_url or f"http://127.0.0.1:{self.orthanc_http_port}").rstrip("/")
+
+    @property
+    def api_base_url(self) -> str:
+        return (self.public_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")
+
+    @cached_property
+    def stored_secrets(self) -> dict[str, str]:
+        """Secrets generated for the local stack, created on first use."""
+        return load_or_create_secrets(self.data_dir)
+
+    @property
+    def orthanc_secret(self) -> str:
+        if self.orthanc_password:
+            return self.orthanc_password
+        if not self.development:
+            raise ValueError("TRIAGE_ORTHANC_PASSWORD must be set outside development")
+        return self.stored_secrets["orthanc_password"]
+
+    @property
+    def redis_secret(self) -> str | None:
+        if self.redis_password:
+            return self.redis_password
+        if self.local_redis:
+            return self.stored_secrets["redis_password"]
+        return None
+
+    @property
+    def redis_connection_url(self) -> str:
+        if self.redis_url:
+            return self.redis_url
+        secret = quote(self.redis_secret or "", safe="")
+        return f"redis://:{secret}@127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+
+def load_or_create_secrets(data_dir: Path) -> dict[str, str]:
+    """Read ``secrets.json`` in ``data_dir``, generating any missing secret (mode 0600)."""
+    path = data_dir / SECRETS_FILE
+    stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    wanted = ("orthanc_password", "redis_password")
+    if all(stored.get(name) for name in wanted):
+        return stored
+    for name in wanted:
+        stored.setdefault(name, secrets.token_urlsafe(24))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(stored, handle)
+    os.replace(tmp, path)
+    return stored
+
+
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,115 @@
+"""``triage up``: the whole local stack as child processes of one supervisor.
+
+Orthanc and Redis come from Debian's packages; the watcher, the workers and the API are
+``triage`` subcommands. SIGINT/SIGTERM stop every child (application processes first, servers
+last). A child that dies unexpectedly is restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from triage.servers import (
+    ManagedProcess,
+    orthanc_process,
+    redis_process,
+    wait_for_orthanc,
+    wait_for_redis,
+)
+from triage.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STACK_FILE = "stack.json"
+RESTART_DELAY = 2.0
+
+
+def _triage(*args: str) -> list[str]:
+    return [sys.executable, "-m", "triage.cli", *args]
+
+
+class Stack:
+    """The processes of one local stack, started and stopped in order."""
+
+    def __init__(self, settings: Settings, workers: int) -> None:
+        self.settings = settings
+        self.servers: list[ManagedProcess] = []
+        self.apps: list[ManagedProcess] = []
+        self.n_workers = workers
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        settings = self.settings
+        settings.log_dir.mkdir(parents=True, exist_ok=True)
+        if settings.local_orthanc:
+            orthanc = orthanc_process(settings)
+            orthanc.start()
+            self.servers.append(orthanc)
+            wait_for_orthanc(settings, orthanc)
+        if settings.local_redis:
+            redis_server = redis_process(settings)
+            redis_server.start()
+            self.servers.append(redis_server)
+            wait_for_redis(settings, redis_server)
+        logs = settings.log_dir
+        self.apps.append(ManagedProcess("watcher", _triage("watcher"), logs / "watcher.log"))
+        for n in range(1, self.n_workers + 1):
+            self.apps.append(ManagedProcess(f"worker-{n}", _triage("worker"),
+                                            logs / f"worker-{n}.log"))
+        self.apps.append(ManagedProcess("api", _triage("api"), logs / "api.log"))
+        for process in self.apps:
+            process.start()
+        self._write_stack_file()
+
+    def _write_stack_file(self) -> None:
+        info = {
+            "pids": {p.name: p.pid for p in [*self.servers, *self.apps]},
+            "orthanc_url": self.settings.orthanc_base_url,
+            "orthanc_dicom_port": self.settings.orthanc_dicom_port,
+            "api_url": self.settings.api_base_url,
+        }
+        (self.settings.data_dir / STACK_FILE).write_text(json.dumps(info, indent=2))
+
+    def supervise(self, on_tick: Callable[[], None] | None = None) -> None:
+        """Restart children that die, until ``stop()`` is called."""
+        while not self.stopping.wait(0.5):
+            for process in [*self.servers, *self.apps]:
+                if not process.alive() and not self.stopping.is_set():
+                    code = process.popen.returncode if process.popen else None
+                    log.warning("%s exited (%s); restarting; see %s", process.name, code,
+                                process.log_path)
+                    time.sleep(RESTART_DELAY)
+                    process.start()
+            if on_tick:
+                on_tick()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for process in reversed(self.apps):
+            process.signal(signal.SIGTERM)
+        for process in reversed(self.apps):
+            process.stop()
+        for process in reversed(self.servers):
+            process.stop()
+        stack_file = self.settings.data_dir / STACK_FILE
+        stack_file.unlink(missing_ok=True)
+
+
+def install_signal_handlers(stack: Stack) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping the stack", signum)
+        stack.stopping.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stack_file(settings: Settings) -> Path:
+    return settings.data_dir / STACK_FILE

@@ -1,0 +1,120 @@
+"""Follows Orthanc's change log and queues every stable study exactly once per input set.
+
+The cursor (last change handled) lives in Redis, so a restart of the watcher, Orthanc or Redis
+neither misses nor duplicates a study; a lost cursor only means re-reading the change log, and
+the deterministic job id turns the re-read into no-ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+
+from triage.errors import TransientError
+from triage.ingest import StudySnapshot, snapshot_study
+from triage.logs import pseudonym
+from triage.orthanc import Change, OrthancClient, StudyGone
+from triage.queues import QueueName, enqueue_analysis, job_pending
+from triage.settings import Settings
+from triage.uids import job_id as make_job_id
+from triage.worklist import StudyStatus, Worklist, WorklistItem, utcnow
+
+log = logging.getLogger(__name__)
+
+CURSOR_KEY = "triage:watcher:cursor"
+STABLE_STUDY = "StableStudy"
+PAGE_SIZE = 200
+
+
+class Watcher:
+    def __init__(self, settings: Settings, orthanc: OrthancClient,
+                 connection: redis.Redis) -> None:
+        self.settings = settings
+        self.orthanc = orthanc
+        self.redis = connection
+        self.worklist = Worklist(connection)
+
+    @property
+    def cursor(self) -> int:
+        raw = self.redis.get(CURSOR_KEY)
+        return int(raw) if raw else 0
+
+    def poll_once(self) -> int:
+        """Handle every change Orthanc has logged since the cursor; returns studies queued."""
+        queued = 0
+        while True:
+            page = self.orthanc.changes(self.cursor, PAGE_SIZE)
+            for change in page.changes:
+                if change.change_type == STABLE_STUDY and self.handle_stable_study(change):
+                    queued += 1
+                # Advance change by change: a crash costs at most one re-read change.
+                self.redis.set(CURSOR_KEY, change.seq)
+            if page.changes:
+                self.redis.set(CURSOR_KEY, page.last)
+            if page.done or not page.changes:
+                return queued
+
+    def handle_stable_study(self, change: Change) -> bool:
+        try:
+            snapshot = snapshot_study(self.orthanc, change.resource_id)
+        except StudyGone:
+            log.info("stable study %s was deleted before it was read", change.resource_id)
+            return False
+        if not snapshot.series:
+            return False  # only the service's own SRs: nothing to analyse
+        return self.queue_study(snapshot)
+
+    def queue_study(self, snapshot: StudySnapshot) -> bool:
+        """Put the study on the worklist (``queued``) and enqueue its analysis, once."""
+        job_id = make_job_id(snapshot.study_instance_uid, snapshot.inputs)
+        existing = self.worklist.get(snapshot.study_instance_uid)
+        if existing is not None and existing.job_id == job_id and (
+            existing.status.terminal or job_pending(self.redis, job_id)
+        ):
+            return False
+        item = self._queued_item(snapshot, job_id, existing)
+        queue = QueueName.BULK if existing and existing.results else QueueName.DEFAULT
+        self.worklist.put(item, event="queued")
+        enqueue_analysis(self.redis, self.settings, queue=queue, job_id=job_id,
+                         orthanc_id=snapshot.orthanc_id,
+                         study_instance_uid=snapshot.study_instance_uid,
+                         inputs=snapshot.inputs)
+        log.info("study %s queued (%d instances, queue %s)",
+                 pseudonym(snapshot.study_instance_uid), snapshot.n_instances, queue.value)
+        return True
+
+    @staticmethod
+    def _queued_item(snapshot: StudySnapshot, job_id: str,
+                     existing: WorklistItem | None) -> WorklistItem:
+        fields = {
+            "study_instance_uid": snapshot.study_instance_uid,
+            "orthanc_id": snapshot.orthanc_id,
+            "accession_number": snapshot.accession_number,
+            "patient_name": snapshot.patient_name,
+            "patient_id": snapshot.patient_id,
+            "modality": snapshot.modalities,
+            "study_description": snapshot.study_description,
+            "study_date": snapshot.study_date,
+            "status": StudyStatus.QUEUED,
+            "status_reason": "",
+            "job_id": job_id,
+            "inputs": snapshot.inputs,
+        }
+        if existing is None:
+            return WorklistItem(received_at=utcnow(), **fields)
+        # A re-analysis keeps the arrival time and the earlier findings until new ones exist.
+        return existing.model_copy(update=fields)
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set; Orthanc or Redis outages are waited out."""
+        log.info("watcher following %s", self.orthanc.base_url)
+        while not stop.is_set():
+            try:
+                self.poll_once()
+            except (TransientError, redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("watcher waiting: %s", exc)
+                stop.wait(min(5.0, self.settings.watcher_poll_seconds * 5))
+                continue
+            stop.wait(self.settings.watcher_poll_seconds)
