@@ -1,0 +1,35 @@
+# Two commands for a new user on Debian 12: `make demo` and `make test`.
+# Both install what is missing first (Debian packages, the virtualenv) and are idempotent.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: all deps demo test lint bench clean
+
+all: test
+
+deps: $(STAMP)
+	@./deploy/install-debian-packages.sh
+
+$(STAMP): pyproject.toml
+	@./deploy/install-debian-packages.sh
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,build]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: deps
+	$(BIN)/triage up --samples
+
+test: deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: deps
+	$(BIN)/ruff check triage tests models
+	$(BIN)/mypy triage
+
+clean:
+	rm -rf $(VENV) var
