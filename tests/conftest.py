@@ -1,0 +1,107 @@
+"""Fixtures that start real Orthanc and Redis servers on free ports, stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from triage import jobs
+from triage.orthanc import OrthancClient
+from triage.servers import (
+    ManagedProcess,
+    orthanc_process,
+    redis_process,
+    wait_for_orthanc,
+    wait_for_redis,
+)
+from triage.settings import Settings
+
+STABLE_AGE = 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    """``TRIAGE_`` variables of a stack on free ports in ``data_dir``."""
+    return {
+        "TRIAGE_DATA_DIR": str(data_dir),
+        "TRIAGE_ORTHANC_HTTP_PORT": str(free_port()),
+        "TRIAGE_ORTHANC_DICOM_PORT": str(free_port()),
+        "TRIAGE_REDIS_PORT": str(free_port()),
+        "TRIAGE_API_PORT": str(free_port()),
+        "TRIAGE_STABLE_AGE": str(STABLE_AGE),
+        "TRIAGE_WATCHER_POLL_SECONDS": "0.2",
+        **extra,
+    }
+
+
+class Servers:
+    """A running Orthanc and Redis, and the settings that reach them."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.env = stack_env(data_dir)
+        os.environ.update(self.env)
+        self.settings = Settings()
+        self.orthanc_process = orthanc_process(self.settings)
+        self.redis_process = redis_process(self.settings)
+
+    def start(self) -> None:
+        self.orthanc_process.start()
+        self.redis_process.start()
+        wait_for_orthanc(self.settings, self.orthanc_process)
+        wait_for_redis(self.settings, self.redis_process)
+        self.orthanc = OrthancClient.from_settings(self.settings)
+        self.redis = redis.Redis.from_url(self.settings.redis_connection_url)
+
+    def stop(self) -> None:
+        for process in (self.orthanc_process, self.redis_process):
+            process.stop()
+
+    def reset(self) -> None:
+        """Empty Orthanc and Redis between tests."""
+        for study in self.orthanc.studies():
+            self.orthanc._api.delete_studies_id(study)
+        self.redis.flushall()
+        jobs.context.cache_clear()
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 60,
+                   what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    saved = dict(os.environ)
+    running = Servers(tmp_path_factory.mktemp("stack"))
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+        jobs.context.cache_clear()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture
+def clean_servers(servers: Servers) -> Servers:
+    servers.reset()
+    os.environ.update(servers.env)
+    return servers
+
+
+__all__ = ["ManagedProcess", "Servers", "free_port", "stack_env"]
