@@ -48,12 +48,12 @@ PATIENT_STUDY_ATTRIBUTES = (
 )
 
 
-def head_ct_series() -> list[pydicom.Dataset]:
+def head_ct_series(*, with_method: bool = True) -> list[pydicom.Dataset]:
     """Three slices of a head CT: one real slice copied with new instance and series UIDs."""
     source = pydicom.dcmread(get_testdata_file("693_UNCR.dcm"), stop_before_pixels=True)
-    # The file says Patient Identity Removed YES without the Type 1C method; the SR copies
-    # the Patient module, so the fixture completes it rather than the SR inheriting the error.
-    source.DeidentificationMethod = "Test data"
+    # The file says Patient Identity Removed YES without the Type 1C method.
+    if with_method:
+        source.DeidentificationMethod = "Test data"
     source.SeriesInstanceUID = uids.derived_uid("test-series", source.SeriesInstanceUID)
     series = []
     for number in (1, 2, 3):
@@ -101,7 +101,12 @@ def encoded(dataset: pydicom.Dataset) -> bytes:
     return buffer.getvalue()
 
 
-SOURCES = {"head-ct-series": head_ct_series, "ct-small": ct_small}
+def head_ct_series_without_method() -> list[pydicom.Dataset]:
+    return head_ct_series(with_method=False)
+
+
+SOURCES = {"head-ct-series": head_ct_series, "ct-small": ct_small,
+           "deidentified-without-method": head_ct_series_without_method}
 
 
 @pytest.fixture(scope="module", params=sorted(SOURCES))

@@ -78,7 +78,10 @@ def analyse_study(orthanc_id: str, study_instance_uid: str, inputs: str) -> str:
     """
     ctx = context()
     key = pseudonym(study_instance_uid)
-    _set_status(ctx, study_instance_uid, StudyStatus.ANALYSING, "")
+    ctx.worklist.update(study_instance_uid, lambda item: item.model_copy(update={
+        "status": StudyStatus.ANALYSING, "status_reason": "",
+        "analysis_runs": item.analysis_runs + 1,
+    }), event="status")
     try:
         status = _analyse(ctx, orthanc_id, study_instance_uid, inputs)
     except PermanentError as exc:

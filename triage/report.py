@@ -102,7 +102,25 @@ def build_report(
         series_time=when.time(),
     )
     _pin_creation_time(sr, when)
+    _deidentification(sr, evidence[0])
     return sr
+
+
+def _deidentification(sr: hd.sr.Comprehensive3DSR, source: pydicom.Dataset) -> None:
+    """Keep Patient Identity Removed only with the method that the Patient Module requires.
+
+    Patient Identity Removed (Type 3) makes De-identification Method (Type 1C) mandatory.
+    Some de-identified sources state the first without the second; the SR then carries
+    neither rather than repeat the source's error.
+    """
+    if sr.get("PatientIdentityRemoved") != "YES":
+        return
+    methods = ("DeidentificationMethod", "DeidentificationMethodCodeSequence")
+    for keyword in methods:
+        if keyword in source and keyword not in sr:
+            setattr(sr, keyword, source[keyword].value)
+    if not any(keyword in sr for keyword in methods):
+        del sr.PatientIdentityRemoved
 
 
 def procedure_reported(source: pydicom.Dataset) -> Code:

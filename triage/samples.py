@@ -68,7 +68,10 @@ def add_hyperdense_region(ds: pydicom.Dataset, *, diameter_mm: float = 15.0,
 
 def build_sample(sample: SampleStudy) -> Iterator[pydicom.Dataset]:
     """The instances of one sample study, with new UIDs derived from its key."""
-    source = pydicom.dcmread(get_testdata_file(sample.source))
+    path = get_testdata_file(sample.source)
+    if not isinstance(path, str):
+        raise FileNotFoundError(f"{sample.source}: install the pydicom-data package")
+    source = pydicom.dcmread(path)
     study_uid = derived_uid("sample-study", sample.key)
     series_uid = derived_uid("sample-series", sample.key)
     for index in range(sample.slices):

@@ -17,6 +17,7 @@ from pathlib import Path
 from string import Template
 from typing import IO
 
+import httpx
 import redis
 
 from triage.errors import TransientError
@@ -153,6 +154,23 @@ def wait_for_orthanc(settings: Settings, process: ManagedProcess | None = None,
                 time.sleep(0.1)
     finally:
         client.close()
+
+
+def wait_for_http(url: str, process: ManagedProcess | None = None,
+                  timeout: float = DEFAULT_START_TIMEOUT) -> None:
+    """Wait until ``url`` answers 200 (the API's /healthz)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and not process.alive():
+            raise RuntimeError(f"{process.name} exited at start; see {process.log_path}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+        time.sleep(0.1)
 
 
 def wait_for_redis(settings: Settings, process: ManagedProcess | None = None,

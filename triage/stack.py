@@ -20,6 +20,7 @@ from triage.servers import (
     ManagedProcess,
     orthanc_process,
     redis_process,
+    wait_for_http,
     wait_for_orthanc,
     wait_for_redis,
 )
@@ -63,9 +64,11 @@ class Stack:
         for n in range(1, self.n_workers + 1):
             self.apps.append(ManagedProcess(f"worker-{n}", _triage("worker"),
                                             logs / f"worker-{n}.log"))
-        self.apps.append(ManagedProcess("api", _triage("api"), logs / "api.log"))
+        api = ManagedProcess("api", _triage("api"), logs / "api.log")
+        self.apps.append(api)
         for process in self.apps:
             process.start()
+        wait_for_http(f"http://127.0.0.1:{settings.api_port}/healthz", api)
         self._write_stack_file()
 
     def _write_stack_file(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 import redis
 
@@ -88,7 +89,7 @@ class Watcher:
     @staticmethod
     def _queued_item(snapshot: StudySnapshot, job_id: str,
                      existing: WorklistItem | None) -> WorklistItem:
-        fields = {
+        fields: dict[str, Any] = {
             "study_instance_uid": snapshot.study_instance_uid,
             "orthanc_id": snapshot.orthanc_id,
             "accession_number": snapshot.accession_number,
@@ -101,6 +102,7 @@ class Watcher:
             "status_reason": "",
             "job_id": job_id,
             "inputs": snapshot.inputs,
+            "analysis_runs": 0,
         }
         if existing is None:
             return WorklistItem(received_at=utcnow(), **fields)

@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import Enum
+from typing import cast
 
 import redis
 from pydantic import BaseModel, Field
@@ -97,6 +98,7 @@ class WorklistItem(BaseModel):
     sr_sop_instance_uid: str | None = None
     job_id: str = ""
     inputs: str = ""
+    analysis_runs: int = Field(default=0, description="How often the current job has started")
     series: list[SeriesItem] = Field(default_factory=list)
     results: list[ResultItem] = Field(default_factory=list)
 
@@ -163,7 +165,7 @@ class Worklist:
     def page(self, limit: int = DEFAULT_PAGE_SIZE,
              offset: int = 0) -> tuple[list[WorklistItem], int]:
         """Items in worklist order, and the total number of items."""
-        uids = self.redis.zrange(WORKLIST_KEY, offset, offset + limit - 1)
+        uids = cast(list[bytes], self.redis.zrange(WORKLIST_KEY, offset, offset + limit - 1))
         raws = self.redis.mget([_item_key(u.decode()) for u in uids]) if uids else []
         items = [WorklistItem.model_validate_json(r) for r in raws if r]
         return items, int(self.redis.zcard(WORKLIST_KEY))
