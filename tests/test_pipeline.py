@@ -146,3 +146,29 @@ def _queued(servers: Servers) -> int:
     from triage.queues import queues
 
     return sum(q.count for q in queues(servers.redis))
+
+
+def test_stow_rs_ingest_is_analysed(clean_servers: Servers, tmp_path: Path) -> None:
+    """A study stored through DICOMweb STOW-RS is analysed like one sent by C-STORE."""
+    import httpx
+
+    servers = clean_servers
+    files = write_study(tmp_path, "head-ct-hyperdense")
+    boundary = "triage-test-boundary"
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + path.read_bytes()
+        + b"\r\n" for path in files) + f"--{boundary}--\r\n".encode()
+    response = httpx.post(
+        f"{servers.settings.orthanc_base_url}/dicom-web/studies", content=body,
+        headers={"Content-Type":
+                 f'multipart/related; type="application/dicom"; boundary={boundary}',
+                 "Accept": "application/dicom+json"},
+        auth=(servers.settings.orthanc_username, servers.settings.orthanc_secret), timeout=30)
+    assert response.status_code == 200, response.text
+    watcher = Watcher(servers.settings, servers.orthanc, servers.redis)
+    watch_until(servers, watcher, 1)
+    run_worker(burst=True)
+    [item] = Worklist(servers.redis).page()[0]
+    assert item.status is StudyStatus.ANALYSED
+    assert item.priority.value == "critical"
+    assert len(our_srs(servers, item)) == 1
