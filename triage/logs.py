@@ -22,3 +22,6 @@ def configure_logging(component: str) -> None:
         level=level,
         format=f"%(asctime)s {component}[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    # Request lines and per-module copy notes drown the service's own messages.
+    for noisy in ("httpx", "highdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

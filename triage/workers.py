@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 
+from rq.job import Job
+from rq.queue import Queue
 from rq.worker import SimpleWorker
 
 from triage.jobs import context
@@ -15,11 +17,41 @@ from triage.queues import queues
 
 log = logging.getLogger(__name__)
 
+# How often an idle worker looks up from waiting on Redis to see whether it should stop.
+STOP_CHECK_SECONDS = 1
+
+
+class AnalysisWorker(SimpleWorker):
+    """A worker whose SIGTERM never strands a study.
+
+    RQ's warm shutdown raises out of the dequeue call when the worker is not marked busy,
+    which can drop a job that was just taken off the queue. Here a stop request only sets a
+    flag: the current study is finished, and the worker waits on Redis in short slices so it
+    notices the flag within ``STOP_CHECK_SECONDS`` when idle.
+    """
+
+    def _shutdown(self) -> None:
+        self._stop_requested = True
+        if self.scheduler:
+            self.stop_scheduler()
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None,
+                                     max_idle_time: int | None = None
+                                     ) -> tuple[Job, Queue] | None:
+        if timeout is None:  # burst mode: take what is queued, never wait
+            return super().dequeue_job_and_maintain_ttl(None, max_idle_time)
+        while not self._stop_requested:
+            result = super().dequeue_job_and_maintain_ttl(STOP_CHECK_SECONDS,
+                                                          max_idle_time=STOP_CHECK_SECONDS)
+            if result is not None:
+                return result
+        return None
+
 
 def run_worker(*, burst: bool = False, name: str | None = None) -> bool:
     """Work until stopped (or, with ``burst``, until the queues are empty)."""
     ctx = context()
     loaded = ", ".join(f"{p.identity.id} {p.identity.version}" for p in ctx.registry.packages)
     log.info("worker ready with models: %s", loaded or "none")
-    worker = SimpleWorker(queues(ctx.redis), connection=ctx.redis, name=name)
+    worker = AnalysisWorker(queues(ctx.redis), connection=ctx.redis, name=name)
     return worker.work(burst=burst, with_scheduler=True, logging_level="WARNING")
