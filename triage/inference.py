@@ -10,7 +10,14 @@ from pydicom.dataset import Dataset
 
 from triage.errors import InvalidInput, ModelPackageError
 from triage.findings import Finding, ModelResult
-from triage.manifest import Manifest, OutputLabel
+from triage.manifest import (
+    InputMode,
+    Manifest,
+    Normalisation,
+    OutputLabel,
+    Preprocessing,
+    SliceReduction,
+)
 from triage.pixels import Volume, decode_series
 from triage.registry import ModelPackage
 
@@ -18,8 +25,10 @@ from triage.registry import ModelPackage
 def run_model(package: ModelPackage, datasets: Sequence[Dataset]) -> ModelResult:
     """Analyse one series with ``package``: one Finding per output label of its manifest.
 
-    The series probability of a label is the maximum over slices; the key image is the slice
-    that reached it. A finding implies its label's priority only at or above the threshold.
+    Per-image modes reduce the images' probabilities per the manifest (maximum or mean); the
+    key image is the one with the highest probability. In volume mode the model sees the
+    whole series at once and the key image is the middle one. A finding implies its label's
+    priority only at or above the threshold.
     """
     manifest = package.manifest
     series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
@@ -34,10 +43,11 @@ def run_model(package: ModelPackage, datasets: Sequence[Dataset]) -> ModelResult
         slice_transform=lambda image: resize_square(image, size),
     )
     decoded = perf_counter()
-    outputs = predict(package, volume.pixels)
+    outputs = predict(package, model_input(manifest.preprocessing, volume.pixels))
     inferred = perf_counter()
 
-    findings = tuple(_finding(label, outputs[label.output], volume) for label in manifest.outputs)
+    findings = tuple(_finding(manifest, label, outputs[label.output], volume)
+                     for label in manifest.outputs)
     return ModelResult(
         model=package.identity,
         series_instance_uid=series_uids.pop(),
@@ -47,16 +57,53 @@ def run_model(package: ModelPackage, datasets: Sequence[Dataset]) -> ModelResult
     )
 
 
-def predict(package: ModelPackage, slices: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-slice outputs [N, K] of every ONNX output the manifest uses, batch by batch."""
+def model_input(prep: Preprocessing, slices: np.ndarray) -> np.ndarray:
+    """The input tensor for resized images [N, size, size], per the manifest's preprocessing."""
+    images = slices.astype(np.float32, copy=True)
+    if prep.window is not None:
+        low = prep.window.center - prep.window.width / 2
+        images = (np.clip(images, low, low + prep.window.width) - low) / prep.window.width
+    images = _normalise(images, prep.normalisation)
+    if prep.mode is InputMode.STACK:
+        # Each image with its neighbours; the first and last are repeated at the ends.
+        half = prep.stack_size // 2
+        index = np.clip(np.arange(len(images))[:, None] + np.arange(-half, half + 1),
+                        0, len(images) - 1)
+        return np.ascontiguousarray(images[index])
+    if prep.mode is InputMode.VOLUME:
+        assert prep.depth is not None  # the manifest validator guarantees it
+        positions = np.linspace(0, len(images) - 1, prep.depth)
+        below = np.floor(positions).astype(np.intp)
+        above = np.minimum(below + 1, len(images) - 1)
+        weight = (positions - below).astype(np.float32)[:, None, None]
+        resampled = images[below] * (1 - weight) + images[above] * weight
+        return np.ascontiguousarray(resampled[None, None])
+    return np.ascontiguousarray(np.repeat(images[:, None], prep.channels, axis=1))
+
+
+def _normalise(images: np.ndarray, how: Normalisation) -> np.ndarray:
+    axes = (1, 2)
+    if how is Normalisation.MINMAX:
+        low = images.min(axis=axes, keepdims=True)
+        span = images.max(axis=axes, keepdims=True) - low
+        return (images - low) / np.where(span > 0, span, 1)
+    if how is Normalisation.ZSCORE:
+        mean = images.mean(axis=axes, keepdims=True)
+        std = images.std(axis=axes, keepdims=True)
+        return (images - mean) / np.where(std > 0, std, 1)
+    return images
+
+
+def predict(package: ModelPackage, tensor: np.ndarray) -> dict[str, np.ndarray]:
+    """Outputs [B, K] of every ONNX output the manifest uses, ``batch_size`` items at a time."""
     manifest = package.manifest
     session = package.session
     names = sorted({label.output for label in manifest.outputs})
     _check_signature(manifest, session.get_inputs(), session.get_outputs(), names)
     batch = manifest.runtime.batch_size
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for start in range(0, len(slices), batch):
-        feed = np.ascontiguousarray(slices[start : start + batch, None], dtype=np.float32)
+    for start in range(0, len(tensor), batch):
+        feed = np.ascontiguousarray(tensor[start : start + batch], dtype=np.float32)
         try:
             results = session.run(names, {manifest.preprocessing.input: feed})
         except Exception as exc:  # onnxruntime's exception types are not exported
@@ -75,17 +122,22 @@ def _check_signature(manifest: Manifest, inputs: list, outputs: list, names: lis
         raise ModelPackageError(f"{manifest.key}: no model output {', '.join(missing)}")
 
 
-def _finding(label: OutputLabel, scores: np.ndarray, volume: Volume) -> Finding:
+def _finding(manifest: Manifest, label: OutputLabel, scores: np.ndarray,
+             volume: Volume) -> Finding:
     if label.index >= scores.shape[1]:
         raise ModelPackageError(
             f"output {label.output} has {scores.shape[1]} columns, label {label.label} "
             f"uses column {label.index}"
         )
-    per_slice = scores[:, label.index]
-    if not np.all(np.isfinite(per_slice)):
+    per_item = scores[:, label.index]
+    if not np.all(np.isfinite(per_item)):
         raise ModelPackageError(f"output {label.output} is not a finite probability")
-    key = int(np.argmax(per_slice))
-    probability = float(per_slice[key])
+    if manifest.preprocessing.mode is InputMode.VOLUME:
+        key, probability = len(volume.sop_instance_uids) // 2, float(per_item[0])
+    else:
+        key = int(np.argmax(per_item))
+        reduce = manifest.preprocessing.slice_reduction
+        probability = float(per_item[key] if reduce is SliceReduction.MAX else per_item.mean())
     return Finding(
         concept=label.concept.coded(),
         probability=probability,

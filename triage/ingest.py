@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from triage.orthanc import OrthancClient
-from triage.selection import SeriesInfo
+from triage.selection import SeriesInfo, series_info
 from triage.uids import fingerprint, sr_series_uid
 
 
@@ -48,23 +48,21 @@ class StudySnapshot:
         return sum(len(s.instance_ids) for s in self.series)
 
 
-def _series(raw: dict[str, Any], sop_class_uid: str) -> SourceSeries:
-    tags = raw.get("MainDicomTags", {})
+def _series(raw: dict[str, Any], tags: dict[str, Any] | None) -> SourceSeries:
+    """A source series from Orthanc's series resource and, if read, one instance's tags."""
     instances = tuple(raw.get("Instances", []))
-    info = SeriesInfo(
-        series_instance_uid=tags.get("SeriesInstanceUID", ""),
-        modality=tags.get("Modality", ""),
-        sop_class_uid=sop_class_uid,
-        body_part=tags.get("BodyPartExamined", ""),
-        description=tags.get("SeriesDescription", ""),
-        n_instances=len(instances),
-    )
-    return SourceSeries(orthanc_id=raw["ID"], info=info, instance_ids=instances)
+    attributes = {**(tags or {}), **raw.get("MainDicomTags", {})}
+    return SourceSeries(orthanc_id=raw["ID"], info=series_info(attributes, len(instances)),
+                        instance_ids=instances)
 
 
 def snapshot_study(orthanc: OrthancClient, orthanc_id: str, *,
-                   sop_classes: bool = False) -> StudySnapshot:
-    """Read a study from Orthanc; ``sop_classes`` also looks up each series' SOP Class UID."""
+                   details: bool = False) -> StudySnapshot:
+    """Read a study from Orthanc.
+
+    With ``details``, the tags of one instance per series are read too (storage class, slice
+    thickness, image type, orientation, patient age): what model selection needs.
+    """
     study = orthanc.study(orthanc_id)
     tags = study.get("MainDicomTags", {})
     patient = study.get("PatientMainDicomTags", {})
@@ -74,10 +72,10 @@ def snapshot_study(orthanc: OrthancClient, orthanc_id: str, *,
     for raw in orthanc.study_series(orthanc_id):
         if raw.get("MainDicomTags", {}).get("SeriesInstanceUID") == own_series:
             continue
-        sop_class = ""
-        if sop_classes and raw.get("Instances"):
-            sop_class = orthanc.instance_metadata(raw["Instances"][0], "SopClassUid")
-        series.append(_series(raw, sop_class))
+        first_tags = None
+        if details and raw.get("Instances"):
+            first_tags = orthanc.instance_tags(raw["Instances"][0])
+        series.append(_series(raw, first_tags))
     return StudySnapshot(
         orthanc_id=orthanc_id,
         study_instance_uid=study_uid,

@@ -103,7 +103,7 @@ def analyse_study(orthanc_id: str, study_instance_uid: str, inputs: str) -> str:
 
 
 def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str, inputs: str) -> StudyStatus:
-    snapshot = snapshot_study(ctx.orthanc, orthanc_id, sop_classes=True)
+    snapshot = snapshot_study(ctx.orthanc, orthanc_id, details=True)
     _record_series(ctx, snapshot)
     if snapshot.inputs != inputs:
         # More instances arrived since the job was queued; the watcher queues the new set.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -41,15 +41,83 @@ class SliceReduction(StrEnum):
     """How per-slice probabilities become one probability per series."""
 
     MAX = "max"
+    MEAN = "mean"
+
+
+class InputMode(StrEnum):
+    """How a series becomes model input."""
+
+    SLICE = "slice"  # each image on its own: [N, channels, size, size]
+    STACK = "stack"  # each image with its neighbours as channels: [N, stack_size, size, size]
+    VOLUME = "volume"  # the series resampled to ``depth`` images: [1, 1, depth, size, size]
+
+
+class Normalisation(StrEnum):
+    """Per-image intensity normalisation, after the window."""
+
+    NONE = "none"
+    MINMAX = "minmax"  # to 0..1
+    ZSCORE = "zscore"  # mean 0, standard deviation 1
+
+
+class Window(_Strict):
+    """A value window: values are clipped to centre +- width/2 and mapped to 0..1."""
+
+    center: float
+    width: float = Field(gt=0)
+
+
+class Range(_Strict):
+    """An inclusive numeric range; either end may be left open."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) exceeds max ({self.max})")
+        return self
+
+    def __contains__(self, value: float) -> bool:
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    def __str__(self) -> str:
+        low = "" if self.min is None else f"{self.min:g}"
+        high = "" if self.max is None else f"{self.max:g}"
+        return f"{low}-{high}" if low and high else (f">= {low}" if low else f"<= {high}")
+
+
+class Orientation(StrEnum):
+    """Which image planes a model accepts (Image Orientation (Patient), PS3.3 C.7.6.2.1.1)."""
+
+    ANY = "any"
+    AXIAL = "axial"
 
 
 class Applicability(_Strict):
-    """Which series a model may analyse (its intended use, in DICOM attributes)."""
+    """Which series a model may analyse (its intended use, in DICOM attributes).
+
+    ``body_parts`` match Body Part Examined and ``descriptions`` match the study or series
+    description (shell-style patterns, case-insensitive); when either list is given, a series
+    must match one of them. A series that fails a series selector (slice thickness, image
+    type, orientation) can still be chosen when ``fallback_largest`` is set: then the largest
+    series of the right modality and storage class is analysed.
+    """
 
     modalities: list[Annotated[str, Field(pattern=r"^[A-Z0-9_]{1,16}$")]] = Field(min_length=1)
     sop_class_uids: list[_UID] = Field(default_factory=list)
+    body_parts: list[_NAME] = Field(default_factory=list)
+    descriptions: list[_NAME] = Field(default_factory=list)
     min_instances: int = Field(default=1, ge=1)
     max_instances: int = Field(default=10_000, ge=1)
+    slice_thickness_mm: Range | None = None
+    image_type: list[_NAME] = Field(
+        default_factory=list, description="values Image Type must contain, e.g. ORIGINAL"
+    )
+    orientation: Orientation = Orientation.ANY
+    patient_age_years: Range | None = None
+    fallback_largest: bool = False
 
     @model_validator(mode="after")
     def _range(self) -> Applicability:
@@ -61,12 +129,28 @@ class Applicability(_Strict):
 
 
 class Preprocessing(_Strict):
-    """How a series becomes the model input tensor [N, 1, size, size]."""
+    """How a series becomes the model input tensor (see ``InputMode``)."""
 
     input: _NAME
     size: int = Field(ge=8, le=2048)
     rescale: Rescale
+    window: Window | None = None
+    normalisation: Normalisation = Normalisation.NONE
+    channels: Literal[1, 3] = 1
+    mode: InputMode = InputMode.SLICE
+    stack_size: int = Field(default=3, ge=3, le=31)
+    depth: int | None = Field(default=None, ge=2, le=1024)
     slice_reduction: SliceReduction = SliceReduction.MAX
+
+    @model_validator(mode="after")
+    def _mode_settings(self) -> Preprocessing:
+        if self.mode is InputMode.STACK and self.stack_size % 2 == 0:
+            raise ValueError(f"stack_size must be odd, got {self.stack_size}")
+        if self.mode is InputMode.VOLUME and self.depth is None:
+            raise ValueError("mode volume needs depth (the number of images the model takes)")
+        if self.channels == 3 and self.mode is not InputMode.SLICE:
+            raise ValueError(f"channels 3 (greyscale repeated) needs mode slice, got {self.mode}")
+        return self
 
 
 class Concept(_Strict):
@@ -91,9 +175,20 @@ class OutputLabel(_Strict):
     priority: PriorityClass
 
 
-class Runtime(_Strict):
-    """onnxruntime settings of the model's session."""
+class ExecutionProvider(StrEnum):
+    """onnxruntime execution providers a manifest may ask for, in order of preference."""
 
+    CUDA = "CUDAExecutionProvider"
+    CPU = "CPUExecutionProvider"
+
+
+class Runtime(_Strict):
+    """onnxruntime settings of the model's session.
+
+    Providers that this machine lacks are passed over; the CPU is always the last resort.
+    """
+
+    providers: list[ExecutionProvider] = Field(default_factory=lambda: [ExecutionProvider.CPU])
     threads: int = Field(default=1, ge=1, le=64)
     batch_size: int = Field(default=8, ge=1, le=1024)
 

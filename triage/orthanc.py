@@ -11,7 +11,7 @@ import io
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pydicom
@@ -19,8 +19,6 @@ from pyorthanc import Orthanc
 
 from triage.errors import PermanentError, TransientError
 from triage.settings import Settings
-
-T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 60.0
 # Orthanc answers these while starting or overloaded; anything else 4xx is permanent.
@@ -49,18 +47,28 @@ class ChangesPage:
 
 
 @contextmanager
-def _translated(what: str) -> Iterator[None]:
+def _reachable(what: str) -> Iterator[None]:
     try:
         yield
-    except httpx.HTTPStatusError as exc:
-        status = exc.response.status_code
-        if status in _TRANSIENT_STATUS:
-            raise TransientError(f"Orthanc answered {status} to {what}") from exc
-        if status == 404:
-            raise StudyGone(f"not found in Orthanc: {what}") from exc
-        raise PermanentError(f"Orthanc refused {what} ({status})") from exc
     except httpx.TransportError as exc:
         raise TransientError(f"Orthanc unreachable for {what}: {type(exc).__name__}") from exc
+
+
+def _body(what: str, response: httpx.Response) -> Any:
+    """The decoded body of a 2xx answer; any other status raised as the worker's error."""
+    status = response.status_code
+    if status in _TRANSIENT_STATUS:
+        raise TransientError(f"Orthanc answered {status} to {what}")
+    if status == 404:
+        raise StudyGone(f"not found in Orthanc: {what}")
+    if not 200 <= status < 300:
+        raise PermanentError(f"Orthanc refused {what} ({status})")
+    content_type = response.headers.get("content-type", "")
+    if "json" in content_type:
+        return response.json()
+    if content_type.startswith("text/"):
+        return response.text
+    return response.content
 
 
 class OrthancClient:
@@ -69,8 +77,10 @@ class OrthancClient:
     def __init__(self, base_url: str, username: str | None, password: str | None,
                  *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.base_url = base_url.rstrip("/")
+        # Raw responses: pyorthanc reports every non-2xx answer as one generic error, and the
+        # worker needs the status to tell "retry later" from "give up".
         self._api = Orthanc(self.base_url, username=username, password=password,
-                            timeout=timeout)
+                            return_raw_response=True, timeout=timeout)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OrthancClient:
@@ -79,9 +89,10 @@ class OrthancClient:
     def close(self) -> None:
         self._api.close()
 
-    def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        with _translated(what):
-            return fn(*args, **kwargs)
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with _reachable(what):
+            response = fn(*args, **kwargs)
+        return _body(what, response)
 
     # -- system and change feed -------------------------------------------------------------
 
@@ -119,11 +130,6 @@ class OrthancClient:
         """Simplified tags of one instance (no pixel data)."""
         return self._call(f"tags of instance {instance_id}", self._api.get_instances_id_tags,
                           instance_id, params={"simplify": ""})
-
-    def instance_metadata(self, instance_id: str, name: str) -> str:
-        """One metadata item Orthanc keeps per instance (e.g. ``SopClassUid``)."""
-        return self._call(f"metadata {name} of instance {instance_id}",
-                          self._api.get_instances_id_metadata_name, instance_id, name)
 
     def lookup_study(self, study_instance_uid: str) -> str | None:
         """Orthanc id of the study with this Study Instance UID, if Orthanc has it."""

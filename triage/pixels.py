@@ -38,7 +38,8 @@ def decode_series(
     *,
     slice_transform: SliceTransform | None = None,
 ) -> Volume:
-    """Decode ``datasets`` (one series, single-frame images) into a float32 volume.
+    """Decode ``datasets`` (one series) into a float32 volume; frames of multi-frame images
+    become slices.
 
     ``slice_transform`` is applied to each decoded slice before stacking, so that a resize to
     the model size never holds the full-resolution series in memory at once.
@@ -54,14 +55,17 @@ def decode_series(
         listed = ", ".join(f"{rows}x{cols}" for rows, cols in shapes)
         raise InvalidInput(f"images of different sizes in one series: {listed}")
     ordered = sort_slices(datasets)
-    slices = []
+    slices, instance_uids, class_uids = [], [], []
     for ds in ordered:
-        values = _values(ds, rescale)
-        slices.append(slice_transform(values) if slice_transform else values)
+        # A multi-frame image contributes each of its frames, in stored order.
+        for values in _frames(ds, rescale):
+            slices.append(slice_transform(values) if slice_transform else values)
+            instance_uids.append(str(ds.SOPInstanceUID))
+            class_uids.append(str(ds.SOPClassUID))
     return Volume(
         pixels=np.stack(slices).astype(np.float32, copy=False),
-        sop_instance_uids=tuple(str(ds.SOPInstanceUID) for ds in ordered),
-        sop_class_uids=tuple(str(ds.SOPClassUID) for ds in ordered),
+        sop_instance_uids=tuple(instance_uids),
+        sop_class_uids=tuple(class_uids),
     )
 
 
@@ -94,8 +98,6 @@ def _instance_number(ds: Dataset) -> int:
 def _check_decodable(ds: Dataset) -> None:
     if "PixelData" not in ds:
         raise InvalidInput("an image of the series has no pixel data")
-    if int(ds.get("NumberOfFrames") or 1) > 1:
-        raise InvalidInput("multi-frame images are not supported by this model")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric not in _MONOCHROME:
         raise InvalidInput(
@@ -104,19 +106,25 @@ def _check_decodable(ds: Dataset) -> None:
         )
 
 
-def _values(ds: Dataset, rescale: Rescale) -> np.ndarray:
+def _frames(ds: Dataset, rescale: Rescale) -> list[np.ndarray]:
     try:
         stored = ds.pixel_array
     except Exception as exc:  # pydicom raises many types; the reason is what the reader needs
         raise InvalidInput(f"cannot decode image pixel data ({_syntax_name(ds)})") from exc
-    if stored.ndim != 2:
-        raise InvalidInput(f"unexpected image shape {stored.shape}")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    expected = 2 if frames == 1 else 3
+    if stored.ndim != expected:
+        raise InvalidInput(f"unexpected image shape {stored.shape} for {frames} frame(s)")
+    stack = stored[None] if frames == 1 else stored
+    return [_values(ds, frame, index, rescale) for index, frame in enumerate(stack)]
+
+
+def _values(ds: Dataset, stored: np.ndarray, frame: int, rescale: Rescale) -> np.ndarray:
     values = stored.astype(np.float32)
     if rescale is Rescale.HU:
         # Slope/intercept map stored values to output units (Hounsfield units for CT);
         # MONOCHROME1 only changes how they are displayed, not what they mean.
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        slope, intercept = _rescale(ds, frame)
         return values * np.float32(slope) + np.float32(intercept)
     if ds.PhotometricInterpretation == "MONOCHROME1":
         # Invert so that higher always means brighter, within the stored bit depth.
@@ -124,6 +132,24 @@ def _values(ds: Dataset, rescale: Rescale) -> np.ndarray:
             return -values - 1
         return np.float32(2 ** int(ds.BitsStored) - 1) - values
     return values
+
+
+def _rescale(ds: Dataset, frame: int) -> tuple[float, float]:
+    """Rescale slope and intercept: top level, else the functional groups of enhanced images
+    (Pixel Value Transformation, PS3.3 C.7.6.16.2.9), shared or of the frame."""
+    sources = [ds]
+    for keyword, index in (("PerFrameFunctionalGroupsSequence", frame),
+                           ("SharedFunctionalGroupsSequence", 0)):
+        groups = ds.get(keyword)
+        if groups and len(groups) > index:
+            transform = groups[index].get("PixelValueTransformationSequence")
+            if transform:
+                sources.append(transform[0])
+    for source in sources:
+        if "RescaleSlope" in source or "RescaleIntercept" in source:
+            return (float(source.get("RescaleSlope", 1) or 1),
+                    float(source.get("RescaleIntercept", 0) or 0))
+    return 1.0, 0.0
 
 
 def _syntax_name(ds: Dataset) -> str:

@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from triage.errors import ModelPackageError
 from triage.findings import ModelIdentity
-from triage.manifest import MANIFEST_NAME, Manifest, load_manifest
+from triage.manifest import MANIFEST_NAME, ExecutionProvider, Manifest, load_manifest
 
 _SESSIONS: dict[tuple[str, str], ort.InferenceSession] = {}
 _SESSIONS_LOCK = threading.Lock()
@@ -90,9 +90,17 @@ def _create_session(onnx_path: Path, manifest: Manifest) -> ort.InferenceSession
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(data, options, providers=providers(manifest))
     except Exception as exc:  # onnxruntime raises its own, unexported exception types
         raise ModelPackageError(f"{onnx_path}: onnxruntime cannot load the model: {exc}") from exc
+
+
+def providers(manifest: Manifest) -> list[str]:
+    """The manifest's execution providers this machine has, CPU always last."""
+    available = set(ort.get_available_providers())
+    wanted = [p.value for p in manifest.runtime.providers if p.value in available]
+    cpu = ExecutionProvider.CPU.value
+    return [p for p in wanted if p != cpu] + [cpu]
 
 
 @dataclass
