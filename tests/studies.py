@@ -25,6 +25,7 @@ def ct_studies(directory: Path, count: int, *, tag: str) -> list[list[Path]]:
         ds.PatientName = f"BATCH^{tag.upper()}{n}"
         ds.PatientID = f"{tag}-{n}"
         ds.AccessionNumber = f"ACC{n:05d}"
+        ds.BodyPartExamined = "HEAD"
         path = directory / f"{key}.dcm"
         ds.save_as(path, enforce_file_format=True)
         studies.append([path])

@@ -84,6 +84,7 @@ def test_up_runs_samples_stops_cleanly_and_resumes(tmp_path: Path) -> None:
     env_b = stack_env(tmp_path / "b")
     first = UpProcess(env_a, tmp_path / "a.log", "--samples")
     other = UpProcess(env_b, tmp_path / "b.log")
+    pids: dict[str, int] = {}
     try:
         first.start()
         other.start()  # a second stack, side by side, with its own data and ports

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -18,7 +18,7 @@ import pydicom
 import redis
 from rq import get_current_job
 
-from triage.errors import PermanentError, TransientError
+from triage.errors import InvalidInput, OutOfScope, PermanentError, TransientError
 from triage.findings import ModelResult
 from triage.inference import run_model
 from triage.ingest import SourceSeries, StudySnapshot, snapshot_study
@@ -72,47 +72,78 @@ def context() -> WorkerContext:
 def analyse_study(orthanc_id: str, study_instance_uid: str, inputs: str) -> str:
     """Analyse one study and record the outcome; returns the final status.
 
-    Permanent problems end the study as ``skipped`` or ``failed`` with a readable reason at
-    once; transient ones are raised so RQ retries, and the study is ``failed`` only when the
-    last retry fails too.
+    ``inputs`` is the fingerprint of the source instances the job was queued for. A job
+    whose study has changed since (a late instance arrived) stops without writing: the newer
+    job owns the worklist item. Studies outside every model's scope, or whose images cannot
+    be used, end ``skipped``; transient errors are retried and the study is ``failed`` only
+    when the last retry fails too; any other error fails the study at once.
     """
     ctx = context()
     key = pseudonym(study_instance_uid)
-    ctx.worklist.update(study_instance_uid, lambda item: item.model_copy(update={
-        "status": StudyStatus.ANALYSING, "status_reason": "",
-        "analysis_runs": item.analysis_runs + 1,
-    }), event="status")
+    started = _mark_analysing(ctx, study_instance_uid, inputs)
+    if started is None:
+        log.info("study %s: job superseded by a newer set of instances", key)
+        return SUPERSEDED
     try:
         status = _analyse(ctx, orthanc_id, study_instance_uid, inputs)
-    except PermanentError as exc:
+    except (OutOfScope, InvalidInput) as exc:
         status = StudyStatus.SKIPPED
-        _set_status(ctx, study_instance_uid, status, str(exc))
+        _set_status(ctx, study_instance_uid, inputs, status, str(exc))
     except TransientError as exc:
         job = get_current_job()
-        if job is not None and job.retries_left:
-            _set_status(ctx, study_instance_uid, StudyStatus.QUEUED, f"will retry: {exc}")
+        if job is not None and job.should_retry:
+            _set_status(ctx, study_instance_uid, inputs, StudyStatus.QUEUED,
+                        f"will retry: {exc}")
         else:
-            _set_status(ctx, study_instance_uid, StudyStatus.FAILED, str(exc))
+            _set_status(ctx, study_instance_uid, inputs, StudyStatus.FAILED, str(exc))
         raise
     except Exception as exc:
-        _set_status(ctx, study_instance_uid, StudyStatus.FAILED,
-                    f"analysis error: {type(exc).__name__}: {exc}")
+        reason = str(exc) if isinstance(exc, PermanentError) else (
+            f"analysis error: {type(exc).__name__}: {exc}")
+        _set_status(ctx, study_instance_uid, inputs, StudyStatus.FAILED, reason)
+        _no_retry()
         raise
-    log.info("study %s %s", key, status.value)
-    return status.value
+    log.info("study %s %s", key, status.value if isinstance(status, StudyStatus) else status)
+    return status.value if isinstance(status, StudyStatus) else status
 
 
-def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str, inputs: str) -> StudyStatus:
+SUPERSEDED = "superseded"
+
+
+def _no_retry() -> None:
+    """Retrying cannot fix this failure: the job goes straight to RQ's failed jobs."""
+    job = get_current_job()
+    if job is not None:
+        job.retries_left = 0
+
+
+def _mark_analysing(ctx: WorkerContext, study_uid: str, inputs: str) -> WorklistItem | None:
+    return ctx.worklist.update(study_uid, _for_inputs(inputs, lambda item: item.model_copy(
+        update={"status": StudyStatus.ANALYSING, "status_reason": "",
+                "analysis_runs": item.analysis_runs + 1})), event="status")
+
+
+def _for_inputs(inputs: str, change: Callable[[WorklistItem], WorklistItem]
+                ) -> Callable[[WorklistItem], WorklistItem | None]:
+    """``change`` applied only while the item still belongs to this set of instances."""
+    return lambda item: change(item) if item.inputs == inputs else None
+
+
+def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str,
+             inputs: str) -> StudyStatus | str:
     snapshot = snapshot_study(ctx.orthanc, orthanc_id, details=True)
-    _record_series(ctx, snapshot)
     if snapshot.inputs != inputs:
-        # More instances arrived since the job was queued; the watcher queues the new set.
-        log.info("study %s changed since queued; analysing the current set",
-                 pseudonym(study_uid))
+        # More instances arrived since the job was queued; the watcher queues the new set
+        # once the study is stable again, and that job writes the result.
+        log.info("study %s changed since it was queued", pseudonym(study_uid))
+        _set_status(ctx, study_uid, inputs, StudyStatus.QUEUED,
+                    "more images arrived; analysis restarts when the study is complete")
+        return SUPERSEDED
+    _record_series(ctx, snapshot, inputs)
     chosen, reasons = _select(ctx.registry.packages, snapshot)
     if not chosen:
         reason = "; ".join(reasons) or "no model is installed"
-        _set_status(ctx, study_uid, StudyStatus.SKIPPED, reason)
+        _set_status(ctx, study_uid, inputs, StudyStatus.SKIPPED, reason)
         return StudyStatus.SKIPPED
     results: list[ModelResult] = []
     evidence: dict[str, pydicom.Dataset] = {}
@@ -142,7 +173,7 @@ def _select(packages: Sequence[ModelPackage], snapshot: StudySnapshot
     for package in packages:
         try:
             info = select_series(package.manifest, [s.info for s in snapshot.series])
-        except PermanentError as exc:
+        except OutOfScope as exc:
             reasons.append(str(exc))
             continue
         chosen.append((package, by_uid[info.series_instance_uid]))
@@ -165,20 +196,20 @@ def _with_timing(result: ModelResult, name: str, seconds: float) -> ModelResult:
                        findings=result.findings, timings=timings)
 
 
-def _set_status(ctx: WorkerContext, study_uid: str, status: StudyStatus, reason: str) -> None:
-    def change(item: WorklistItem) -> WorklistItem:
-        return item.model_copy(update={"status": status, "status_reason": reason})
+def _set_status(ctx: WorkerContext, study_uid: str, inputs: str, status: StudyStatus,
+                reason: str) -> None:
+    ctx.worklist.update(study_uid, _for_inputs(inputs, lambda item: item.model_copy(
+        update={"status": status, "status_reason": reason})), event="status")
 
-    ctx.worklist.update(study_uid, change, event="status")
 
-
-def _record_series(ctx: WorkerContext, snapshot: StudySnapshot) -> None:
+def _record_series(ctx: WorkerContext, snapshot: StudySnapshot, inputs: str) -> None:
     series = [SeriesItem(series_instance_uid=s.info.series_instance_uid,
                          modality=s.info.modality, description=s.info.description,
                          body_part=s.info.body_part, n_instances=s.info.n_instances)
               for s in snapshot.series]
     ctx.worklist.update(snapshot.study_instance_uid,
-                        lambda item: item.model_copy(update={"series": series}))
+                        _for_inputs(inputs, lambda item: item.model_copy(
+                            update={"series": series})))
 
 
 def _record_results(ctx: WorkerContext, snapshot: StudySnapshot, results: list[ModelResult],
@@ -202,11 +233,13 @@ def _record_results(ctx: WorkerContext, snapshot: StudySnapshot, results: list[M
     raised = [f for f in findings if f.positive and f.priority is not None]
 
     def change(item: WorklistItem) -> WorklistItem:
-        # AI may raise the priority, never lower it (DESIGN.md, "Priorities").
-        priority = highest([item.clinical_priority, *(f.priority for f in raised)])
-        reasons = [r for r in item.priority_reasons if not r.startswith("AI: ")]
-        reasons += [f"AI: {f.meaning} (p={f.probability:.2f}, {f.model} {f.model_version})"
-                    for f in raised]
+        # AI may raise the priority, never lower it (DESIGN.md, "Priorities"): not below the
+        # clinical priority, and not below what an earlier analysis of the study raised it to.
+        priority = highest([item.priority, item.clinical_priority,
+                            *(f.priority for f in raised)])
+        reasons = list(item.priority_reasons)
+        reasons += [r for r in (f"AI: {f.meaning} (p={f.probability:.2f}, {f.model} "
+                                f"{f.model_version})" for f in raised) if r not in reasons]
         return item.model_copy(update={
             "status": StudyStatus.ANALYSED, "status_reason": "",
             "priority": priority, "priority_reasons": reasons,
@@ -215,5 +248,6 @@ def _record_results(ctx: WorkerContext, snapshot: StudySnapshot, results: list[M
             "analysed_at": utcnow(), "sr_sop_instance_uid": sr_uid,
         })
 
-    ctx.worklist.update(snapshot.study_instance_uid, change, event="analysed")
+    ctx.worklist.update(snapshot.study_instance_uid, _for_inputs(snapshot.inputs, change),
+                        event="analysed")
 

@@ -19,8 +19,8 @@ from triage.errors import OutOfScope
 from triage.manifest import Applicability, Manifest, Orientation
 
 # How close to the axial plane an image must be: |cos| of the angle between its normal and
-# the patient's head-foot axis (about 18 degrees of gantry tilt).
-_AXIAL_MIN_COSINE = 0.95
+# the patient's head-foot axis: up to about 32 degrees, as head CT gantry tilts go.
+_AXIAL_MIN_COSINE = 0.85
 _AGE = re.compile(r"^(\d{1,3})([DWMY])$")
 _DAYS_PER = {"D": 1.0, "W": 7.0, "M": 30.4375, "Y": 365.25}
 
@@ -191,7 +191,9 @@ def _values(value: Any) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [v.strip() for v in value.split("\\") if v.strip()]
+        # Orthanc decodes the value separator of ISO 2022 IR 13 (Japanese) data as a yen sign
+        # (0x5C in JIS X 0201); the code strings and numbers read here never contain one.
+        return [v.strip() for v in re.split(r"[\\\u00a5]", value) if v.strip()]
     if isinstance(value, list | tuple) or hasattr(value, "__iter__"):
         return [str(v).strip() for v in value]
     return [str(value).strip()]

@@ -49,6 +49,8 @@ class ManagedProcess:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self._log is not None:  # a restart: the previous run's handle is done with
+            self._log.close()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
             self.argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -70,12 +72,18 @@ class ManagedProcess:
             assert self.popen is not None
             self.popen.send_signal(signum)
 
-    def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+    def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT, *,
+             already_signalled: bool = False) -> int | None:
+        """SIGTERM (unless ``already_signalled``), then SIGKILL after ``timeout``.
+
+        Returns the exit code. A second SIGTERM would turn a worker's warm shutdown into a
+        cold one, so a process already asked to stop is only waited for.
+        """
         if self.popen is None:
             return None
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+            if not already_signalled:
+                self.popen.send_signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:

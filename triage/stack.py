@@ -12,11 +12,10 @@ import logging
 import signal
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from triage.servers import (
+    DEFAULT_STOP_TIMEOUT,
     ManagedProcess,
     orthanc_process,
     redis_process,
@@ -30,6 +29,10 @@ log = logging.getLogger(__name__)
 
 STACK_FILE = "stack.json"
 RESTART_DELAY = 2.0
+MAX_RESTART_DELAY = 60.0
+# A worker asked to stop finishes the study it is analysing; past this it is killed and RQ
+# runs the study again later.
+WORKER_STOP_TIMEOUT = 120.0
 
 
 def _triage(*args: str) -> list[str]:
@@ -80,25 +83,31 @@ class Stack:
         }
         (self.settings.data_dir / STACK_FILE).write_text(json.dumps(info, indent=2))
 
-    def supervise(self, on_tick: Callable[[], None] | None = None) -> None:
-        """Restart children that die, until ``stop()`` is called."""
+    def supervise(self) -> None:
+        """Restart children that die, until ``stop()`` is requested."""
+        restarts: dict[str, int] = {}
         while not self.stopping.wait(0.5):
             for process in [*self.servers, *self.apps]:
-                if not process.alive() and not self.stopping.is_set():
-                    code = process.popen.returncode if process.popen else None
-                    log.warning("%s exited (%s); restarting; see %s", process.name, code,
-                                process.log_path)
-                    time.sleep(RESTART_DELAY)
-                    process.start()
-            if on_tick:
-                on_tick()
+                if process.alive() or self.stopping.is_set():
+                    continue
+                count = restarts[process.name] = restarts.get(process.name, 0) + 1
+                code = process.popen.returncode if process.popen else None
+                delay = min(RESTART_DELAY * 2 ** (count - 1), MAX_RESTART_DELAY)
+                log.warning("%s exited (%s); restart %d in %.0f s; see %s", process.name,
+                            code, count, delay, process.log_path)
+                if self.stopping.wait(delay):
+                    return
+                process.start()
+                self._write_stack_file()
 
     def stop(self) -> None:
+        """Stop the applications (workers finish their current study), then the servers."""
         self.stopping.set()
         for process in reversed(self.apps):
             process.signal(signal.SIGTERM)
         for process in reversed(self.apps):
-            process.stop()
+            timeout = WORKER_STOP_TIMEOUT if process.name.startswith("worker") else None
+            process.stop(timeout or DEFAULT_STOP_TIMEOUT, already_signalled=True)
         for process in reversed(self.servers):
             process.stop()
         stack_file = self.settings.data_dir / STACK_FILE

@@ -17,6 +17,7 @@ from triage.errors import TransientError
 from triage.ingest import StudySnapshot, snapshot_study
 from triage.logs import pseudonym
 from triage.orthanc import Change, OrthancClient, StudyGone
+from triage.priority import PriorityClass
 from triage.queues import QueueName, enqueue_analysis, job_pending
 from triage.settings import Settings
 from triage.uids import job_id as make_job_id
@@ -27,6 +28,16 @@ log = logging.getLogger(__name__)
 CURSOR_KEY = "triage:watcher:cursor"
 STABLE_STUDY = "StableStudy"
 PAGE_SIZE = 200
+
+
+def _queue_for(existing: WorklistItem | None) -> QueueName:
+    """New studies go to ``default``; a re-analysis goes to ``bulk`` unless the study is
+    already flagged, in which case its update must not wait behind the backlog."""
+    if existing is None or not existing.results:
+        return QueueName.DEFAULT
+    if existing.priority is not PriorityClass.ROUTINE:
+        return QueueName.URGENT
+    return QueueName.BULK
 
 
 class Watcher:
@@ -45,17 +56,34 @@ class Watcher:
     def poll_once(self) -> int:
         """Handle every change Orthanc has logged since the cursor; returns studies queued."""
         queued = 0
+        cursor = self.cursor
+        if cursor > self.orthanc.last_change():
+            # Orthanc's index was replaced (a new database numbers changes from 0 again).
+            log.warning("Orthanc's change log restarted below cursor %d: reading it again",
+                        cursor)
+            cursor = 0
         while True:
-            page = self.orthanc.changes(self.cursor, PAGE_SIZE)
+            page = self.orthanc.changes(cursor, PAGE_SIZE)
             for change in page.changes:
-                if change.change_type == STABLE_STUDY and self.handle_stable_study(change):
+                if change.change_type == STABLE_STUDY and self._handle(change):
                     queued += 1
                 # Advance change by change: a crash costs at most one re-read change.
                 self.redis.set(CURSOR_KEY, change.seq)
-            if page.changes:
-                self.redis.set(CURSOR_KEY, page.last)
+            cursor = page.last if page.changes else cursor
+            self.redis.set(CURSOR_KEY, cursor)
             if page.done or not page.changes:
                 return queued
+
+    def _handle(self, change: Change) -> bool:
+        """Handle one stable study; a study that cannot be read never blocks the others."""
+        try:
+            return self.handle_stable_study(change)
+        except (TransientError, redis.ConnectionError, redis.TimeoutError):
+            raise  # Orthanc or Redis is down: stop here and read this change again later
+        except Exception:
+            log.exception("stable study %s could not be queued; moving on",
+                          change.resource_id)
+            return False
 
     def handle_stable_study(self, change: Change) -> bool:
         try:
@@ -70,14 +98,21 @@ class Watcher:
     def queue_study(self, snapshot: StudySnapshot) -> bool:
         """Put the study on the worklist (``queued``) and enqueue its analysis, once."""
         job_id = make_job_id(snapshot.study_instance_uid, snapshot.inputs)
-        existing = self.worklist.get(snapshot.study_instance_uid)
-        if existing is not None and existing.job_id == job_id and (
-            existing.status.terminal or job_pending(self.redis, job_id)
-        ):
+        queue: QueueName | None = None
+
+        def change(existing: WorklistItem | None) -> WorklistItem | None:
+            nonlocal queue
+            queue = None
+            if existing is not None and existing.job_id == job_id and (
+                existing.status.terminal or job_pending(self.redis, job_id)
+            ):
+                return None
+            queue = _queue_for(existing)
+            return self._queued_item(snapshot, job_id, existing)
+
+        self.worklist.upsert(snapshot.study_instance_uid, change, event="queued")
+        if queue is None:
             return False
-        item = self._queued_item(snapshot, job_id, existing)
-        queue = QueueName.BULK if existing and existing.results else QueueName.DEFAULT
-        self.worklist.put(item, event="queued")
         enqueue_analysis(self.redis, self.settings, queue=queue, job_id=job_id,
                          orthanc_id=snapshot.orthanc_id,
                          study_instance_uid=snapshot.study_instance_uid,
@@ -102,10 +137,11 @@ class Watcher:
             "status_reason": "",
             "job_id": job_id,
             "inputs": snapshot.inputs,
-            "analysis_runs": 0,
         }
         if existing is None:
             return WorklistItem(received_at=utcnow(), **fields)
+        if existing.job_id != job_id:
+            fields["analysis_runs"] = 0  # runs are counted per input set
         # A re-analysis keeps the arrival time and the earlier findings until new ones exist.
         return existing.model_copy(update=fields)
 

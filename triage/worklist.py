@@ -139,7 +139,19 @@ class Worklist:
                event: str = "updated") -> WorklistItem | None:
         """Apply ``change`` to the stored item atomically (optimistic locking).
 
-        ``change`` returns the new item, or ``None`` to leave the item as it is.
+        ``change`` returns the new item, or ``None`` to leave the item as it is. Nothing
+        happens when the study has no item.
+        """
+        return self.upsert(study_instance_uid,
+                           lambda item: change(item) if item is not None else None, event)
+
+    def upsert(self, study_instance_uid: str,
+               change: Callable[[WorklistItem | None], WorklistItem | None],
+               event: str = "updated") -> WorklistItem | None:
+        """Like ``update``, but ``change`` also decides for a study that has no item yet.
+
+        The read and the write happen in one Redis transaction: if another process changes
+        the item in between, ``change`` runs again on the new value.
         """
         key = _item_key(study_instance_uid)
         new: WorklistItem | None = None
@@ -147,10 +159,7 @@ class Worklist:
         def transaction(pipe: redis.client.Pipeline) -> None:
             nonlocal new
             raw = pipe.get(key)
-            if not raw:
-                new = None
-                return
-            new = change(WorklistItem.model_validate_json(raw))
+            new = change(WorklistItem.model_validate_json(raw) if raw else None)
             if new is None:
                 return
             pipe.multi()
