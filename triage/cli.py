@@ -153,6 +153,71 @@ def token_create(role: str, owner: str | None) -> None:
                             role=Role(role), owner=owner))
 
 
+@main.group()
+def models() -> None:
+    """Model packages: list, validate, run on files."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """The packages in TRIAGE_MODELS_DIR, and those refused with the reason."""
+    from triage.registry import ModelRegistry
+
+    settings = Settings()
+    registry = ModelRegistry.load(settings.models_dir)
+    for package in registry.packages:
+        m = package.manifest
+        click.echo(f"{m.id} {m.version}  {m.name}  [{m.regulatory_status}]  "
+                   f"{'/'.join(m.applicability.modalities)}  sha256 {m.sha256[:12]}  ok")
+    for folder, error in registry.errors.items():
+        click.echo(f"{folder}  REFUSED: {error}")
+    if not registry.packages and not registry.errors:
+        click.echo(f"no model packages in {settings.models_dir}")
+
+
+@models.command("validate")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def models_validate(path: Path) -> None:
+    """Check a package: manifest, SHA-256, and one run of the graph on a blank input."""
+    from triage.errors import ModelPackageError
+    from triage.inference import self_test
+    from triage.registry import ModelPackage
+
+    try:
+        package = ModelPackage.load(path)
+        probabilities = self_test(package)
+    except ModelPackageError as exc:
+        raise click.ClickException(str(exc)) from exc
+    m = package.manifest
+    click.echo(f"{m.id} {m.version}: valid ({len(m.outputs)} outputs; blank input gives "
+               + ", ".join(f"{k} {v:.3f}" for k, v in probabilities.items()) + ")")
+
+
+@models.command("run")
+@click.argument("model")
+@click.argument("paths", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+def models_run(model: str, paths: tuple[Path, ...]) -> None:
+    """Run MODEL (an id in TRIAGE_MODELS_DIR, or a package folder) on DICOM files or folders.
+
+    Needs no server: prints the findings, the priority and the timings of each study.
+    """
+    from triage.errors import ModelPackageError
+    from triage.offline import analyse_files, describe
+    from triage.registry import ModelPackage
+
+    folder = Path(model) if Path(model).is_dir() else Settings().models_dir / model
+    try:
+        package = ModelPackage.load(folder)
+    except ModelPackageError as exc:
+        raise click.ClickException(str(exc)) from exc
+    outcomes = analyse_files(package, paths)
+    if not outcomes:
+        raise click.ClickException("no DICOM studies found in the given paths")
+    for outcome in outcomes:
+        click.echo(describe(outcome))
+
+
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 def samples(directory: Path) -> None:

@@ -177,3 +177,27 @@ def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     low = np.floor(centre).astype(np.intp)
     high = np.minimum(low + 1, n_in - 1)
     return low, high, (centre - low).astype(np.float32)
+
+
+def self_test(package: ModelPackage) -> dict[str, float]:
+    """Run the model once on a blank input; returns each label's probability.
+
+    Raises ModelPackageError when the graph and the manifest disagree (names, columns) or
+    when an output is not a probability in 0..1.
+    """
+    manifest = package.manifest
+    size = manifest.preprocessing.size
+    count = manifest.preprocessing.depth or 1
+    blank = np.zeros((count, size, size), dtype=np.float32)
+    outputs = predict(package, model_input(manifest.preprocessing, blank))
+    probabilities = {}
+    for label in manifest.outputs:
+        scores = outputs[label.output]
+        if label.index >= scores.shape[1]:
+            raise ModelPackageError(f"output {label.output} has no column {label.index} "
+                                    f"for label {label.label}")
+        value = float(scores[0, label.index])
+        if not 0.0 <= value <= 1.0:
+            raise ModelPackageError(f"output {label.output} gave {value}, not a probability")
+        probabilities[label.label] = value
+    return probabilities

@@ -14,6 +14,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from triage.errors import OutOfScope
 from triage.manifest import Applicability, Manifest, Orientation
@@ -42,10 +43,10 @@ class SeriesInfo:
     patient_age_years: float | None = None
 
 
-def series_info(attributes: Mapping[str, Any], n_instances: int) -> SeriesInfo:
-    """SeriesInfo from one instance's attributes keyed by DICOM keyword.
+def series_info(attributes: Mapping[str, Any] | Dataset, n_instances: int) -> SeriesInfo:
+    """SeriesInfo from one instance's attributes, looked up by DICOM keyword.
 
-    Accepts pydicom values and Orthanc's simplified tags (multiple values as ``a\\b``).
+    Accepts a pydicom Dataset and Orthanc's simplified tags (multiple values as ``a\\b``).
     """
     def text(keyword: str) -> str:
         value = attributes.get(keyword)
