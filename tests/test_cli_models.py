@@ -76,3 +76,19 @@ def test_run_prints_findings_priority_and_timings(tmp_path: Path) -> None:
     assert len(positive) == 1 and "priority: critical" in positive[0]
     assert "inference" in positive[0] and " ms" in positive[0]
     assert sum("skipped: no applicable model: modality" in s for s in studies) == 2
+
+
+def test_readme_example_manifest_is_valid() -> None:
+    """The manifest of the README's "Bring your own model" example passes the schema."""
+    import re
+
+    import yaml
+
+    from triage.manifest import Manifest
+
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    section = readme.split("## Bring your own model", 1)[1]
+    example = re.search(r"```yaml\n(.*?)```", section, re.DOTALL)
+    assert example is not None
+    manifest = Manifest.model_validate(yaml.safe_load(example.group(1)))
+    assert manifest.id == "pe-ct" and manifest.outputs[0].priority.value == "critical"
