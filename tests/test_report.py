@@ -105,8 +105,11 @@ def head_ct_series_without_method() -> list[pydicom.Dataset]:
     return head_ct_series(with_method=False)
 
 
-SOURCES = {"head-ct-series": head_ct_series, "ct-small": ct_small,
-           "deidentified-without-method": head_ct_series_without_method}
+SOURCES = {
+    "head-ct-series": head_ct_series,
+    "ct-small": ct_small,
+    "deidentified-without-method": head_ct_series_without_method,
+}
 
 
 @pytest.fixture(scope="module", params=sorted(SOURCES))
@@ -274,6 +277,131 @@ def test_invalid_inputs_are_refused(case: str, message: str) -> None:
         evidence = evidence + ct_small()
     with pytest.raises(ValueError, match=message):
         build_report(evidence=evidence, results=results, inputs_fingerprint=fingerprint)
+
+
+def with_fourth_slice(evidence: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """The series after one more slice arrived."""
+    fourth = copy.deepcopy(evidence[-1])
+    fourth.SOPInstanceUID = uids.derived_uid("test-slice", evidence[-1].SOPInstanceUID, "4")
+    fourth.InstanceNumber = 4
+    return [*evidence, fourth]
+
+
+def fingerprint_of(evidence: list[pydicom.Dataset]) -> str:
+    return uids.fingerprint(ds.SOPInstanceUID for ds in evidence)
+
+
+def supersede(
+    evidence: list[pydicom.Dataset], predecessors: list[pydicom.Dataset]
+) -> hd.sr.Comprehensive3DSR:
+    return build_report(
+        evidence=evidence,
+        results=[result_for(evidence)],
+        inputs_fingerprint=fingerprint_of(evidence),
+        content_datetime=WHEN,
+        predecessors=predecessors,
+    )
+
+
+@pytest.fixture(scope="module")
+def superseding(tmp_path_factory: pytest.TempPathFactory):
+    """(SR1 as stored, path of SR2): SR1 of three slices, SR2 after a fourth slice arrived."""
+    first_slices = head_ct_series()
+    stored = pydicom.dcmread(io.BytesIO(encoded(build(first_slices, fingerprint_of(first_slices)))))
+    path = tmp_path_factory.mktemp("sr") / "superseding.dcm"
+    supersede(with_fourth_slice(first_slices), [stored]).save_as(path, enforce_file_format=True)
+    return stored, path
+
+
+def test_superseding_sr_references_its_predecessor(superseding) -> None:
+    first, path = superseding
+    second = pydicom.dcmread(path)
+    assert second.SOPInstanceUID != first.SOPInstanceUID
+    assert second.SOPInstanceUID == uids.sr_instance_uid(
+        first.StudyInstanceUID,
+        ["ich-ct@1.2.0"],
+        fingerprint_of(with_fourth_slice(head_ct_series())),
+    )
+    assert second.SeriesInstanceUID == first.SeriesInstanceUID
+    assert second.StudyInstanceUID == first.StudyInstanceUID
+    (study,) = second.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == first.StudyInstanceUID
+    (series,) = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == first.SeriesInstanceUID
+    (instance,) = series.ReferencedSOPSequence
+    assert instance.ReferencedSOPClassUID == first.SOPClassUID
+    assert instance.ReferencedSOPInstanceUID == first.SOPInstanceUID
+
+
+def test_sr_without_predecessors_has_no_predecessor_sequence(written) -> None:
+    _, path = written
+    assert "PredecessorDocumentsSequence" not in pydicom.dcmread(path)
+
+
+def test_superseding_sr_passes_dciodvfy(superseding) -> None:
+    _, path = superseding
+    assert validators.dciodvfy_errors(path) == []
+
+
+def test_superseding_sr_is_parsed_by_dsrdump(superseding) -> None:
+    _, path = superseding
+    assert HAEMORRHAGE.meaning in validators.dsrdump(path)
+
+
+def test_superseding_sr_passes_pixelmed_sr_validator(superseding) -> None:
+    _, path = superseding
+    assert validators.pixelmed_sr_errors(path) == []
+
+
+def test_predecessor_order_and_duplicates_do_not_change_the_sr() -> None:
+    evidence = head_ct_series()
+    earlier = [
+        pydicom.dcmread(io.BytesIO(encoded(build(evidence, fingerprint))))
+        for fingerprint in ("f1", "f2")
+    ]
+    later = with_fourth_slice(evidence)
+    once = encoded(supersede(later, earlier))
+    assert encoded(supersede(later, [earlier[1], earlier[0], earlier[1]])) == once
+    (study,) = pydicom.dcmread(io.BytesIO(once)).PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    assert len(series.ReferencedSOPSequence) == 2
+
+
+def test_predecessor_from_another_study_is_refused_without_identifiers() -> None:
+    other = ct_small()
+    other_sr = pydicom.dcmread(io.BytesIO(encoded(build(other))))
+    evidence = head_ct_series()
+    with pytest.raises(ValueError, match="predecessor 0 belongs to another study") as refused:
+        supersede(evidence, [other_sr])
+    message = str(refused.value)
+    for dataset in (evidence[0], other_sr):
+        for attribute in ("PatientName", "PatientID", "StudyInstanceUID", "AccessionNumber"):
+            value = str(dataset.get(attribute, ""))
+            if value:
+                assert value not in message, attribute
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("not an SR", "predecessor 0 is not an SR"),
+        ("itself", "predecessor 0 is this SR itself"),
+        ("other patient", "predecessor 0 has another PatientID"),
+        ("no SOP Instance UID", "predecessor 0 has no SOPInstanceUID"),
+    ],
+)
+def test_invalid_predecessors_are_refused(case: str, message: str) -> None:
+    evidence = head_ct_series()
+    predecessor = pydicom.dcmread(io.BytesIO(encoded(build(evidence, fingerprint_of(evidence)))))
+    if case == "not an SR":
+        predecessor = evidence[0]
+    elif case == "other patient":
+        predecessor.PatientID = "someone else"
+    elif case == "no SOP Instance UID":
+        del predecessor.SOPInstanceUID
+    with pytest.raises(ValueError, match=message) as refused:
+        supersede(evidence, [predecessor])
+    assert str(evidence[0].PatientID) not in str(refused.value)
 
 
 def test_validators_fail_loudly_on_a_missing_file(tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ def build_report(
     results: Sequence[ModelResult],
     inputs_fingerprint: str,
     content_datetime: dt.datetime | None = None,
+    predecessors: Sequence[pydicom.Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the SR of one analysis of one study.
 
@@ -57,6 +58,10 @@ def build_report(
     UIDs are derived from the study, the models (``id@version``) and ``inputs_fingerprint``,
     so a retried job writes the same SR. ``content_datetime`` defaults to now; a retry passes
     the original one to reproduce the SR exactly.
+
+    ``predecessors`` are the earlier SRs of the same study that this one supersedes (a
+    re-analysis after more instances arrived); they are referenced in the Predecessor Documents
+    Sequence (PS3.3 C.17.2). They do not change this SR's UIDs, which follow from its inputs.
 
     Raises ``ValueError`` naming the offending value when the inputs cannot make a valid SR.
     """
@@ -69,6 +74,7 @@ def build_report(
     sop_instance_uid = uids.sr_instance_uid(
         study_uid, [_model_key(r.model) for r in results], inputs_fingerprint
     )
+    previous_versions = _check_predecessors(predecessors, evidence[0], sop_instance_uid)
     groups = [
         _measurement_group(sop_instance_uid, result.model, finding)
         for result in results
@@ -100,6 +106,7 @@ def build_report(
         content_time=when.time(),
         series_date=when.date(),
         series_time=when.time(),
+        previous_versions=previous_versions or None,
     )
     _pin_creation_time(sr, when)
     _deidentification(sr, evidence[0])
@@ -163,6 +170,41 @@ def _check_inputs(
                     f"key image {finding.key_sop_instance_uid!r} of "
                     f"{finding.concept.meaning!r} is not among the evidence"
                 )
+
+
+def _check_predecessors(
+    predecessors: Sequence[pydicom.Dataset], source: pydicom.Dataset, sop_instance_uid: str
+) -> list[pydicom.Dataset]:
+    """The predecessors to reference: checked, without duplicates, in a stable order.
+
+    Messages name the position of the offending predecessor only: its UIDs and patient
+    attributes identify the patient and errors end up in logs.
+    """
+    unique: dict[str, pydicom.Dataset] = {}
+    for position, predecessor in enumerate(predecessors):
+        name = f"predecessor {position}"
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            if not predecessor.get(keyword):
+                raise ValueError(f"{name} has no {keyword}")
+        if predecessor.get("Modality") != "SR":
+            raise ValueError(
+                f"{name} is not an SR document (Modality {predecessor.get('Modality')!r})"
+            )
+        if predecessor.StudyInstanceUID != source.StudyInstanceUID:
+            raise ValueError(
+                f"{name} belongs to another study than the evidence "
+                "(StudyInstanceUID differs); an SR supersedes SRs of its own study only"
+            )
+        if str(predecessor.get("PatientID", "")) != str(source.get("PatientID", "")):
+            raise ValueError(f"{name} has another PatientID than the evidence")
+        if predecessor.SOPInstanceUID == sop_instance_uid:
+            raise ValueError(
+                f"{name} is this SR itself (same models and inputs_fingerprint); "
+                "an SR cannot supersede itself"
+            )
+        unique[str(predecessor.SOPInstanceUID)] = predecessor
+    # Input order must not change the SR, as for the evidence.
+    return sorted(unique.values(), key=lambda ds: (ds.SeriesInstanceUID, ds.SOPInstanceUID))
 
 
 def _model_key(model: ModelIdentity) -> str:
