@@ -11,8 +11,10 @@ from pydicom.data import get_testdata_file
 from triage.uids import derived_uid
 
 
-def ct_studies(directory: Path, count: int, *, tag: str) -> list[list[Path]]:
-    """``count`` one-image CT studies (pydicom's CT_small.dcm with new UIDs and patients)."""
+def ct_studies(directory: Path, count: int, *, tag: str, **attributes: object
+               ) -> list[list[Path]]:
+    """``count`` one-image head CT studies (pydicom's CT_small.dcm with new UIDs and
+    patients); ``attributes`` are set on every image (e.g. RequestedProcedurePriority)."""
     source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     studies = []
     for n in range(count):
@@ -26,6 +28,8 @@ def ct_studies(directory: Path, count: int, *, tag: str) -> list[list[Path]]:
         ds.PatientID = f"{tag}-{n}"
         ds.AccessionNumber = f"ACC{n:05d}"
         ds.BodyPartExamined = "HEAD"
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
         path = directory / f"{key}.dcm"
         ds.save_as(path, enforce_file_format=True)
         studies.append([path])

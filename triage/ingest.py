@@ -8,7 +8,7 @@ arrives, which is what triggers a re-analysis.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from triage.orthanc import OrthancClient
@@ -33,6 +33,11 @@ class StudySnapshot:
     study_description: str
     study_date: str
     series: tuple[SourceSeries, ...]
+    # One source instance's attributes and how it arrived: what the clinical priority reads.
+    first_instance: dict[str, Any] = field(default_factory=dict)
+    calling_aet: str = ""
+    # Instances of the SRs the service wrote into this study earlier.
+    own_sr_ids: tuple[str, ...] = ()
 
     @property
     def inputs(self) -> str:
@@ -56,12 +61,13 @@ def _series(raw: dict[str, Any], tags: dict[str, Any] | None) -> SourceSeries:
                         instance_ids=instances)
 
 
-def snapshot_study(orthanc: OrthancClient, orthanc_id: str, *,
-                   details: bool = False) -> StudySnapshot:
+def snapshot_study(orthanc: OrthancClient, orthanc_id: str, *, details: bool = False,
+                   first_instance: bool = False) -> StudySnapshot:
     """Read a study from Orthanc.
 
     With ``details``, the tags of one instance per series are read too (storage class, slice
-    thickness, image type, orientation, patient age): what model selection needs.
+    thickness, image type, orientation, patient age): what model selection needs. With
+    ``first_instance``, the tags of one source instance and its calling AE title are read.
     """
     study = orthanc.study(orthanc_id)
     tags = study.get("MainDicomTags", {})
@@ -69,13 +75,22 @@ def snapshot_study(orthanc: OrthancClient, orthanc_id: str, *,
     study_uid = tags.get("StudyInstanceUID", "")
     own_series = str(sr_series_uid(study_uid))
     series = []
+    own_sr_ids: list[str] = []
     for raw in orthanc.study_series(orthanc_id):
         if raw.get("MainDicomTags", {}).get("SeriesInstanceUID") == own_series:
+            own_sr_ids += raw.get("Instances", [])
             continue
         first_tags = None
         if details and raw.get("Instances"):
             first_tags = orthanc.instance_tags(raw["Instances"][0])
         series.append(_series(raw, first_tags))
+    ordered = tuple(sorted(series, key=lambda s: s.info.series_instance_uid))
+    first: dict[str, Any] = {}
+    calling_aet = ""
+    if first_instance and ordered and ordered[0].instance_ids:
+        instance = ordered[0].instance_ids[0]
+        first = orthanc.instance_tags(instance)
+        calling_aet = orthanc.instance_metadata(instance).get("RemoteAET", "")
     return StudySnapshot(
         orthanc_id=orthanc_id,
         study_instance_uid=study_uid,
@@ -84,5 +99,8 @@ def snapshot_study(orthanc: OrthancClient, orthanc_id: str, *,
         patient_id=patient.get("PatientID", ""),
         study_description=tags.get("StudyDescription", ""),
         study_date=tags.get("StudyDate", ""),
-        series=tuple(sorted(series, key=lambda s: s.info.series_instance_uid)),
+        series=ordered,
+        first_instance=first,
+        calling_aet=calling_aet,
+        own_sr_ids=tuple(own_sr_ids),
     )

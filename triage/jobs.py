@@ -29,6 +29,7 @@ from triage.registry import ModelPackage, ModelRegistry
 from triage.report import build_report
 from triage.selection import select_series
 from triage.settings import Settings, get_settings
+from triage.uids import sr_instance_uid
 from triage.worklist import (
     FindingItem,
     ResultItem,
@@ -157,13 +158,26 @@ def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str,
             evidence.setdefault(ds.SOPInstanceUID, ds)
     started = time.perf_counter()
     report = build_report(evidence=list(evidence.values()), results=results,
-                          inputs_fingerprint=snapshot.inputs)
+                          inputs_fingerprint=snapshot.inputs,
+                          predecessors=_earlier_reports(ctx, snapshot, results))
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, report, enforce_file_format=True)
     ctx.orthanc.store(buffer.getvalue())
     report_seconds = time.perf_counter() - started
     _record_results(ctx, snapshot, results, str(report.SOPInstanceUID), report_seconds)
     return StudyStatus.ANALYSED
+
+
+def _earlier_reports(ctx: WorkerContext, snapshot: StudySnapshot,
+                     results: Sequence[ModelResult]) -> list[pydicom.Dataset]:
+    """The SRs this study already has from the service, which the new one supersedes
+    (Predecessor Documents Sequence); a re-run of the same analysis is not its own
+    predecessor."""
+    new_uid = sr_instance_uid(snapshot.study_instance_uid,
+                              [f"{r.model.id}@{r.model.version}" for r in results],
+                              snapshot.inputs)
+    earlier = [ctx.orthanc.instance_dataset(i) for i in snapshot.own_sr_ids]
+    return [ds for ds in earlier if ds.SOPInstanceUID != new_uid]
 
 
 def _select(packages: Sequence[ModelPackage], snapshot: StudySnapshot

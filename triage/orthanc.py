@@ -131,6 +131,12 @@ class OrthancClient:
         return self._call(f"tags of instance {instance_id}", self._api.get_instances_id_tags,
                           instance_id, params={"simplify": ""})
 
+    def instance_metadata(self, instance_id: str) -> dict[str, str]:
+        """Everything Orthanc recorded about how an instance arrived (e.g. ``RemoteAET``)."""
+        return self._call(f"metadata of instance {instance_id}",
+                          self._api.get_instances_id_metadata, instance_id,
+                          params={"expand": ""})
+
     def lookup_study(self, study_instance_uid: str) -> str | None:
         """Orthanc id of the study with this Study Instance UID, if Orthanc has it."""
         found = self._call("lookup", self._api.post_tools_lookup, study_instance_uid)

@@ -61,6 +61,17 @@ class Settings(BaseSettings):
     job_timeout: int = Field(default=600, ge=10)
     job_retries: int = Field(default=3, ge=0)
     fetch_threads: int = Field(default=4, ge=1)
+    max_wait_minutes: int = Field(
+        default=60, ge=1, description="A routine study waiting longer is promoted to urgent"
+    )
+    emergency_locations: list[str] = Field(
+        default=["*EMERG*", "ED", "ER", "A&E", "*ACCIDENT*", "*URGENCE*", "*NOTAUFNAHME*"],
+        description="Patterns of department, requesting service or patient location that "
+        "mean the emergency department",
+    )
+    emergency_aets: list[str] = Field(
+        default_factory=list, description="Calling AE titles of emergency-department modalities"
+    )
     development: bool = Field(
         default=True, description="Allows generated secrets; hospitals set it to false"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import timedelta
 from typing import Any
 
 import redis
@@ -17,7 +18,7 @@ from triage.errors import TransientError
 from triage.ingest import StudySnapshot, snapshot_study
 from triage.logs import pseudonym
 from triage.orthanc import Change, OrthancClient, StudyGone
-from triage.priority import PriorityClass
+from triage.priority import ClinicalPriority, PriorityClass, clinical_priority, highest
 from triage.queues import QueueName, enqueue_analysis, job_pending
 from triage.settings import Settings
 from triage.uids import job_id as make_job_id
@@ -30,13 +31,14 @@ STABLE_STUDY = "StableStudy"
 PAGE_SIZE = 200
 
 
-def _queue_for(existing: WorklistItem | None) -> QueueName:
-    """New studies go to ``default``; a re-analysis goes to ``bulk`` unless the study is
-    already flagged, in which case its update must not wait behind the backlog."""
+def _queue_for(existing: WorklistItem | None, clinical: ClinicalPriority) -> QueueName:
+    """Clinically urgent or already flagged studies go to ``urgent``; other new studies to
+    ``default``; a re-analysis of an unflagged study to ``bulk``."""
+    if clinical.priority is not PriorityClass.ROUTINE or (
+            existing is not None and existing.priority is not PriorityClass.ROUTINE):
+        return QueueName.URGENT
     if existing is None or not existing.results:
         return QueueName.DEFAULT
-    if existing.priority is not PriorityClass.ROUTINE:
-        return QueueName.URGENT
     return QueueName.BULK
 
 
@@ -87,7 +89,7 @@ class Watcher:
 
     def handle_stable_study(self, change: Change) -> bool:
         try:
-            snapshot = snapshot_study(self.orthanc, change.resource_id)
+            snapshot = snapshot_study(self.orthanc, change.resource_id, first_instance=True)
         except StudyGone:
             log.info("stable study %s was deleted before it was read", change.resource_id)
             return False
@@ -98,6 +100,9 @@ class Watcher:
     def queue_study(self, snapshot: StudySnapshot) -> bool:
         """Put the study on the worklist (``queued``) and enqueue its analysis, once."""
         job_id = make_job_id(snapshot.study_instance_uid, snapshot.inputs)
+        clinical = clinical_priority(snapshot.first_instance, calling_aet=snapshot.calling_aet,
+                                     emergency_locations=self.settings.emergency_locations,
+                                     emergency_aets=self.settings.emergency_aets)
         queue: QueueName | None = None
 
         def change(existing: WorklistItem | None) -> WorklistItem | None:
@@ -107,8 +112,8 @@ class Watcher:
                 existing.status.terminal or job_pending(self.redis, job_id)
             ):
                 return None
-            queue = _queue_for(existing)
-            return self._queued_item(snapshot, job_id, existing)
+            queue = _queue_for(existing, clinical)
+            return self._queued_item(snapshot, job_id, clinical, existing)
 
         self.worklist.upsert(snapshot.study_instance_uid, change, event="queued")
         if queue is None:
@@ -122,7 +127,7 @@ class Watcher:
         return True
 
     @staticmethod
-    def _queued_item(snapshot: StudySnapshot, job_id: str,
+    def _queued_item(snapshot: StudySnapshot, job_id: str, clinical: ClinicalPriority,
                      existing: WorklistItem | None) -> WorklistItem:
         fields: dict[str, Any] = {
             "study_instance_uid": snapshot.study_instance_uid,
@@ -139,7 +144,14 @@ class Watcher:
             "inputs": snapshot.inputs,
         }
         if existing is None:
-            return WorklistItem(received_at=utcnow(), **fields)
+            return WorklistItem(received_at=utcnow(), clinical_priority=clinical.priority,
+                                priority=clinical.priority,
+                                priority_reasons=list(clinical.reasons), **fields)
+        # Nothing lowers a priority: a later clinical flag only adds to what was there.
+        fields["clinical_priority"] = highest([existing.clinical_priority, clinical.priority])
+        fields["priority"] = highest([existing.priority, clinical.priority])
+        fields["priority_reasons"] = existing.priority_reasons + [
+            r for r in clinical.reasons if r not in existing.priority_reasons]
         if existing.job_id != job_id:
             fields["analysis_runs"] = 0  # runs are counted per input set
         # A re-analysis keeps the arrival time and the earlier findings until new ones exist.
@@ -151,6 +163,8 @@ class Watcher:
         while not stop.is_set():
             try:
                 self.poll_once()
+                self.worklist.promote_overdue(
+                    now=utcnow(), max_wait=timedelta(minutes=self.settings.max_wait_minutes))
             except (TransientError, redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("watcher waiting: %s", exc)
                 stop.wait(min(5.0, self.settings.watcher_poll_seconds * 5))

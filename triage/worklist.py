@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import cast
 
@@ -99,6 +99,10 @@ class WorklistItem(BaseModel):
     job_id: str = ""
     inputs: str = ""
     analysis_runs: int = Field(default=0, description="How often the current job has started")
+    claimed_by: str | None = None
+    claim_expires_at: datetime | None = None
+    read_by: str | None = None
+    read_at: datetime | None = None
     series: list[SeriesItem] = Field(default_factory=list)
     results: list[ResultItem] = Field(default_factory=list)
 
@@ -170,6 +174,34 @@ class Worklist:
         if new is not None:
             self._publish(event, new)
         return new
+
+    def promote_overdue(self, *, now: datetime, max_wait: timedelta) -> list[str]:
+        """Promote routine studies not yet read that arrived more than ``max_wait`` ago.
+
+        Anti-starvation (DESIGN.md, "Priorities"): nothing sits at the bottom forever. The
+        promoted study keeps its arrival time, so it joins the urgent class in arrival order.
+        Returns the promoted Study Instance UIDs.
+        """
+        cutoff = now - max_wait
+        low = PriorityClass.ROUTINE.rank * _RANK_WEIGHT
+        overdue = self.redis.zrangebyscore(WORKLIST_KEY, low,
+                                           low + int(cutoff.timestamp() * 1000))
+        reason = f"waited more than {int(max_wait.total_seconds() // 60)} min"
+
+        def promote(item: WorklistItem) -> WorklistItem | None:
+            if (item.priority is not PriorityClass.ROUTINE or item.read_at is not None
+                    or item.received_at > cutoff):
+                return None
+            return item.model_copy(update={"priority": PriorityClass.URGENT,
+                                           "priority_reasons": [*item.priority_reasons,
+                                                                reason]})
+
+        promoted = []
+        for raw in cast(list[bytes], overdue):
+            uid = raw.decode()
+            if self.update(uid, promote, event="priority") is not None:
+                promoted.append(uid)
+        return promoted
 
     def page(self, limit: int = DEFAULT_PAGE_SIZE,
              offset: int = 0) -> tuple[list[WorklistItem], int]:
