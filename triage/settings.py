@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     orthanc_aet: str = "TRIAGE"
     orthanc_username: str = "triage"
     orthanc_password: str | None = None
+    orthanc_public_url: str | None = Field(
+        default=None, description="Orthanc's address as people's browsers reach it (viewer "
+        "links); the internal URL if unset"
+    )
 
     redis_url: str | None = Field(
         default=None, description="URL of a running Redis; the local stack starts one if unset"
@@ -71,6 +75,12 @@ class Settings(BaseSettings):
     )
     emergency_aets: list[str] = Field(
         default_factory=list, description="Calling AE titles of emergency-department modalities"
+    )
+    claim_minutes: int = Field(default=30, ge=1, description="How long a claim lasts")
+    viewer_url_template: str = Field(
+        default="{orthanc_url}/app/explorer.html#study?uuid={orthanc_id}",
+        description="Link to open a study; fields: orthanc_url, orthanc_id, "
+        "study_instance_uid, accession_number",
     )
     development: bool = Field(
         default=True, description="Allows generated secrets; hospitals set it to false"
@@ -101,6 +111,10 @@ class Settings(BaseSettings):
     @property
     def orthanc_base_url(self) -> str:
         return (self.orthanc_url or f"http://127.0.0.1:{self.orthanc_http_port}").rstrip("/")
+
+    @property
+    def orthanc_browser_url(self) -> str:
+        return (self.orthanc_public_url or self.orthanc_base_url).rstrip("/")
 
     @property
     def api_base_url(self) -> str:

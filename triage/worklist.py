@@ -8,6 +8,7 @@ Each change is also published on a Redis channel for live updates.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -21,6 +22,7 @@ from triage.priority import PriorityClass
 KEY_PREFIX = "triage"
 WORKLIST_KEY = f"{KEY_PREFIX}:worklist"
 EVENTS_CHANNEL = f"{KEY_PREFIX}:events"
+CLAIMS_KEY = f"{KEY_PREFIX}:claims"
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 # Worklist order key: priority rank first, arrival second (milliseconds fit below 1e13).
@@ -52,6 +54,30 @@ class FindingItem(BaseModel):
     model: str
     model_version: str
     key_sop_instance_uid: str | None = None
+
+
+class FindingVerdict(BaseModel):
+    """A radiologist's view of one AI finding."""
+
+    model: str
+    model_version: str
+    code: str
+    agree: bool
+
+
+class Feedback(BaseModel):
+    """What a radiologist records on a study: agreement per finding, and per finding code
+    whether it is present in their final read (the reference for performance monitoring)."""
+
+    findings: list[FindingVerdict] = Field(default_factory=list)
+    outcomes: dict[str, bool] = Field(
+        default_factory=dict, description="finding code -> present in the final read")
+
+
+class FeedbackRecord(Feedback):
+    study_instance_uid: str
+    user: str
+    at: datetime
 
 
 class SeriesItem(BaseModel):
@@ -103,6 +129,7 @@ class WorklistItem(BaseModel):
     claim_expires_at: datetime | None = None
     read_by: str | None = None
     read_at: datetime | None = None
+    feedback: list[FeedbackRecord] = Field(default_factory=list)
     series: list[SeriesItem] = Field(default_factory=list)
     results: list[ResultItem] = Field(default_factory=list)
 
@@ -111,6 +138,17 @@ class WorklistItem(BaseModel):
         arrival_ms = int(self.received_at.timestamp() * 1000)
         return self.priority.rank * _RANK_WEIGHT + arrival_ms
 
+    def facets(self) -> set[str]:
+        """The index entries the worklist filters on (``kind:value``)."""
+        facets = {f"status:{self.status.value}"}
+        facets |= {f"modality:{m}" for m in self.modality.split("/") if m}
+        facets |= {f"model:{r.model}" for r in self.results}
+        facets |= {f"finding:{f.code}" for f in self.findings if f.positive}
+        if self.claimed_by:
+            facets.add(f"claimed:{self.claimed_by}")
+        facets.add("read" if self.read_at else "unread")
+        return facets
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -118,6 +156,76 @@ def utcnow() -> datetime:
 
 def _item_key(study_instance_uid: str) -> str:
     return f"{KEY_PREFIX}:study:{study_instance_uid}"
+
+
+def _facet_key(facet: str) -> str:
+    return f"{KEY_PREFIX}:idx:{facet}"
+
+
+def _write(pipe: redis.client.Pipeline, old: WorklistItem | None, new: WorklistItem) -> None:
+    """Queue the commands that store ``new`` in place of ``old``, indexes included."""
+    uid = new.study_instance_uid
+    pipe.set(_item_key(uid), new.model_dump_json())
+    pipe.zadd(WORKLIST_KEY, {uid: new.order_key})
+    before = old.facets() if old else set()
+    after = new.facets()
+    for facet in before - after:
+        pipe.srem(_facet_key(facet), uid)
+    for facet in after - before:
+        pipe.sadd(_facet_key(facet), uid)
+    if new.claim_expires_at is not None:
+        pipe.zadd(CLAIMS_KEY, {uid: new.claim_expires_at.timestamp()})
+    else:
+        pipe.zrem(CLAIMS_KEY, uid)
+
+
+class WorklistQuery(BaseModel):
+    """Filters of the worklist; every one given must match."""
+
+    status: StudyStatus | None = None
+    priority: PriorityClass | None = None
+    modality: str | None = None
+    model: str | None = None
+    finding: str | None = Field(default=None, description="code of a positive finding")
+    claimed_by: str | None = None
+    read: bool | None = None
+    received_from: datetime | None = None
+    received_to: datetime | None = None
+
+    def facets(self) -> list[str]:
+        facets = []
+        for kind, value in (("status", self.status.value if self.status else None),
+                            ("modality", self.modality), ("model", self.model),
+                            ("finding", self.finding), ("claimed", self.claimed_by)):
+            if value:
+                facets.append(f"{kind}:{value}")
+        if self.read is not None:
+            facets.append("read" if self.read else "unread")
+        return facets
+
+
+class WorklistPage(BaseModel):
+    items: list[WorklistItem]
+    total: int
+    counts: dict[str, int] = Field(description="matching studies per priority class")
+
+
+def _class_window(cls: PriorityClass) -> tuple[int, int]:
+    """The order-key range of one priority class."""
+    return cls.rank * _RANK_WEIGHT, (cls.rank + 1) * _RANK_WEIGHT - 1
+
+
+def _outside_dates(start: datetime | None, end: datetime | None
+                   ) -> list[tuple[float | str, float | str]]:
+    """Order-key ranges of arrivals before ``start`` or after ``end``, in every class."""
+    ranges: list[tuple[float | str, float | str]] = []
+    for cls in PriorityClass:
+        low, high = _class_window(cls)
+        if start is not None:
+            ranges.append((low, low + int(start.timestamp() * 1000) - 1))
+        if end is not None:
+            ranges.append((low + int(end.timestamp() * 1000) + 1, high))
+    return ranges
 
 
 class Worklist:
@@ -132,11 +240,7 @@ class Worklist:
 
     def put(self, item: WorklistItem, event: str = "updated") -> None:
         """Store ``item`` and its place in the order, then announce the change."""
-        with self.redis.pipeline() as pipe:
-            pipe.set(_item_key(item.study_instance_uid), item.model_dump_json())
-            pipe.zadd(WORKLIST_KEY, {item.study_instance_uid: item.order_key})
-            pipe.execute()
-        self._publish(event, item)
+        self.upsert(item.study_instance_uid, lambda _old: item, event)
 
     def update(self, study_instance_uid: str,
                change: Callable[[WorklistItem], WorklistItem | None],
@@ -163,12 +267,12 @@ class Worklist:
         def transaction(pipe: redis.client.Pipeline) -> None:
             nonlocal new
             raw = pipe.get(key)
-            new = change(WorklistItem.model_validate_json(raw) if raw else None)
+            old = WorklistItem.model_validate_json(raw) if raw else None
+            new = change(old)
             if new is None:
                 return
             pipe.multi()
-            pipe.set(key, new.model_dump_json())
-            pipe.zadd(WORKLIST_KEY, {new.study_instance_uid: new.order_key})
+            _write(pipe, old, new)
 
         self.redis.transaction(transaction, key)
         if new is not None:
@@ -206,10 +310,53 @@ class Worklist:
     def page(self, limit: int = DEFAULT_PAGE_SIZE,
              offset: int = 0) -> tuple[list[WorklistItem], int]:
         """Items in worklist order, and the total number of items."""
-        uids = cast(list[bytes], self.redis.zrange(WORKLIST_KEY, offset, offset + limit - 1))
+        result = self.query(WorklistQuery(), limit=limit, offset=offset)
+        return result.items, result.total
+
+    def query(self, query: WorklistQuery, *, limit: int = DEFAULT_PAGE_SIZE,
+              offset: int = 0) -> WorklistPage:
+        """The items that match ``query``, in worklist order (priority class, then arrival;
+        ties by UID, so pages are stable), with the total and the count per class."""
+        self.release_expired_claims(utcnow())
+        source = WORKLIST_KEY
+        temporary = None
+        facets = query.facets()
+        if facets or query.received_from or query.received_to:
+            temporary = source = f"{KEY_PREFIX}:tmp:{uuid.uuid4().hex}"
+            weights = {WORKLIST_KEY: 1, **{_facet_key(f): 0 for f in facets}}
+            with self.redis.pipeline() as pipe:
+                pipe.zinterstore(temporary, weights)
+                pipe.expire(temporary, 30)
+                for low, high in _outside_dates(query.received_from, query.received_to):
+                    pipe.zremrangebyscore(temporary, low, high)
+                pipe.execute()
+        try:
+            with self.redis.pipeline() as pipe:
+                for cls in PriorityClass:
+                    pipe.zcount(source, *_class_window(cls))
+                if query.priority is None:
+                    pipe.zrange(source, offset, offset + limit - 1)
+                else:
+                    pipe.zrangebyscore(source, *_class_window(query.priority),
+                                       start=offset, num=limit)
+                *counts, uids = pipe.execute()
+        finally:
+            if temporary:
+                self.redis.delete(temporary)
+        by_class = {cls.value: int(n) for cls, n in zip(PriorityClass, counts, strict=True)}
+        total = sum(by_class.values()) if query.priority is None else by_class[
+            query.priority.value]
         raws = self.redis.mget([_item_key(u.decode()) for u in uids]) if uids else []
         items = [WorklistItem.model_validate_json(r) for r in raws if r]
-        return items, int(self.redis.zcard(WORKLIST_KEY))
+        return WorklistPage(items=items, total=total, counts=by_class)
+
+    def release_expired_claims(self, now: datetime) -> None:
+        """Claims end on their own: a radiologist who walks away frees the study."""
+        for raw in cast(list[bytes], self.redis.zrangebyscore(CLAIMS_KEY, 0, now.timestamp())):
+            self.update(raw.decode(), lambda item: item.model_copy(update={
+                "claimed_by": None, "claim_expires_at": None})
+                if item.claim_expires_at and item.claim_expires_at <= now else None,
+                event="claim")
 
     def _publish(self, event: str, item: WorklistItem) -> None:
         message = {

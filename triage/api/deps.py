@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Annotated
 
 import redis
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from triage.settings import Settings
@@ -35,11 +35,8 @@ def get_worklist(connection: RedisDep) -> Worklist:
 WorklistDep = Annotated[Worklist, Depends(get_worklist)]
 
 
-def current_user(
-    connection: RedisDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> TokenRecord:
-    record = verify_token(connection, credentials.credentials) if credentials else None
+def _authenticate(connection: redis.Redis, token: str | None) -> TokenRecord:
+    record = verify_token(connection, token) if token else None
     if record is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token",
@@ -48,10 +45,28 @@ def current_user(
     return record
 
 
-def require(*roles: Role) -> Callable[[TokenRecord], TokenRecord]:
-    """A dependency that admits only users with one of ``roles``."""
+def current_user(
+    connection: RedisDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> TokenRecord:
+    return _authenticate(connection, credentials.credentials if credentials else None)
 
-    def check(user: Annotated[TokenRecord, Depends(current_user)]) -> TokenRecord:
+
+def stream_user(
+    connection: RedisDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    access_token: Annotated[str | None, Query(description="for EventSource clients")] = None,
+) -> TokenRecord:
+    """Like ``current_user``, also accepting the token as a query parameter: browsers'
+    EventSource cannot send an Authorization header."""
+    return _authenticate(connection, credentials.credentials if credentials else access_token)
+
+
+def _require(identify: Callable[..., TokenRecord], roles: tuple[Role, ...]
+             ) -> Callable[[TokenRecord], TokenRecord]:
+    # A default rather than Annotated: the annotation is a string here (postponed
+    # evaluation) and would not see the local ``identify``.
+    def check(user: TokenRecord = Depends(identify)) -> TokenRecord:  # noqa: B008
         if user.role not in roles:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"role {user.role.value} may not")
         return user
@@ -59,4 +74,11 @@ def require(*roles: Role) -> Callable[[TokenRecord], TokenRecord]:
     return check
 
 
+def require(*roles: Role) -> Callable[[TokenRecord], TokenRecord]:
+    """A dependency that admits only users with one of ``roles``."""
+    return _require(current_user, roles)
+
+
 ReaderDep = Annotated[TokenRecord, Depends(require(Role.RADIOLOGIST, Role.ADMIN))]
+StreamReaderDep = Annotated[TokenRecord, Depends(_require(stream_user, (Role.RADIOLOGIST,
+                                                                           Role.ADMIN)))]

@@ -1,18 +1,100 @@
-"""One study: its worklist item with series and per-model results."""
+"""One study: detail with series, results and a viewer link; claim, release, read, feedback."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, status
 
-from triage.api.deps import ReaderDep, WorklistDep
-from triage.worklist import WorklistItem
+from triage.api.deps import ReaderDep, RedisDep, SettingsDep, WorklistDep
+from triage.settings import Settings
+from triage.tokens import Role
+from triage.workflow import (
+    ClaimConflict,
+    InvalidFeedback,
+    StudyNotFound,
+    add_feedback,
+    claim,
+    mark_read,
+    release,
+)
+from triage.worklist import Feedback, FeedbackRecord, WorklistItem
 
-router = APIRouter(prefix="/api/v1", tags=["studies"])
+router = APIRouter(prefix="/api/v1/studies", tags=["studies"])
 
 
-@router.get("/studies/{study_instance_uid}", response_model=WorklistItem)
-def study(study_instance_uid: str, _user: ReaderDep, worklist: WorklistDep) -> WorklistItem:
+class StudyDetail(WorklistItem):
+    viewer_url: str
+
+
+def _detail(item: WorklistItem, settings: Settings) -> StudyDetail:
+    url = settings.viewer_url_template.format(
+        orthanc_url=settings.orthanc_browser_url, orthanc_id=item.orthanc_id,
+        study_instance_uid=item.study_instance_uid, accession_number=item.accession_number)
+    return StudyDetail(**item.model_dump(), viewer_url=url)
+
+
+def _translate(exc: Exception) -> HTTPException:
+    if isinstance(exc, StudyNotFound):
+        return HTTPException(status.HTTP_404_NOT_FOUND, "study not on the worklist")
+    if isinstance(exc, ClaimConflict):
+        return HTTPException(status.HTTP_409_CONFLICT, str(exc))
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc))
+
+
+@router.get("/{study_instance_uid}", response_model=StudyDetail)
+def study(study_instance_uid: str, _user: ReaderDep, worklist: WorklistDep,
+          settings: SettingsDep) -> StudyDetail:
+    """The study's worklist item with its series, per-model results, findings with the key
+    image, priority reasons, feedback, and a link that opens it in the viewer."""
     item = worklist.get(study_instance_uid)
     if item is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "study not on the worklist")
-    return item
+    return _detail(item, settings)
+
+
+@router.post("/{study_instance_uid}/claim", response_model=StudyDetail,
+             responses={409: {"description": "another radiologist holds the study"}})
+def claim_study(study_instance_uid: str, user: ReaderDep, worklist: WorklistDep,
+                settings: SettingsDep) -> StudyDetail:
+    """Take the study for ``TRIAGE_CLAIM_MINUTES``; claiming again extends one's own claim."""
+    try:
+        item = claim(worklist, study_instance_uid, user.owner, minutes=settings.claim_minutes)
+    except (StudyNotFound, ClaimConflict) as exc:
+        raise _translate(exc) from exc
+    return _detail(item, settings)
+
+
+@router.post("/{study_instance_uid}/release", response_model=StudyDetail,
+             responses={409: {"description": "another radiologist holds the study"}})
+def release_study(study_instance_uid: str, user: ReaderDep, worklist: WorklistDep,
+                  settings: SettingsDep) -> StudyDetail:
+    """End one's claim; an admin may end anyone's."""
+    try:
+        item = release(worklist, study_instance_uid, user.owner,
+                       force=user.role is Role.ADMIN)
+    except (StudyNotFound, ClaimConflict) as exc:
+        raise _translate(exc) from exc
+    return _detail(item, settings)
+
+
+@router.post("/{study_instance_uid}/read", response_model=StudyDetail,
+             responses={409: {"description": "another radiologist holds the study"}})
+def read_study(study_instance_uid: str, user: ReaderDep, worklist: WorklistDep,
+               settings: SettingsDep) -> StudyDetail:
+    """Mark the study read by the caller."""
+    try:
+        item = mark_read(worklist, study_instance_uid, user.owner)
+    except (StudyNotFound, ClaimConflict) as exc:
+        raise _translate(exc) from exc
+    return _detail(item, settings)
+
+
+@router.post("/{study_instance_uid}/feedback", response_model=FeedbackRecord,
+             status_code=status.HTTP_201_CREATED)
+def feedback(study_instance_uid: str, body: Feedback, user: ReaderDep,
+             worklist: WorklistDep, connection: RedisDep) -> FeedbackRecord:
+    """Agree or disagree with each AI finding, and record whether each finding is present
+    in the final read; kept for monitoring the models' performance."""
+    try:
+        return add_feedback(worklist, connection, study_instance_uid, user.owner, body)
+    except (StudyNotFound, InvalidFeedback) as exc:
+        raise _translate(exc) from exc

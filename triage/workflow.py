@@ -1,0 +1,121 @@
+"""What radiologists do with a study on the worklist: claim it, release it, mark it read,
+and record feedback on the AI findings. Every change names the user who made it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import redis
+
+from triage.errors import TriageError
+from triage.worklist import (
+    KEY_PREFIX,
+    Feedback,
+    FeedbackRecord,
+    Worklist,
+    WorklistItem,
+    utcnow,
+)
+
+# Append-only log of every feedback record, read by performance monitoring.
+FEEDBACK_LOG_KEY = f"{KEY_PREFIX}:feedback"
+
+
+class StudyNotFound(TriageError):
+    """The study is not on the worklist."""
+
+
+class ClaimConflict(TriageError):
+    """Another radiologist holds the study."""
+
+
+class InvalidFeedback(TriageError):
+    """Feedback that names a finding the study does not have."""
+
+
+def _claim_active(item: WorklistItem, now: datetime) -> bool:
+    return bool(item.claimed_by and item.claim_expires_at and item.claim_expires_at > now)
+
+
+def _change(worklist: Worklist, uid: str, change: Callable[[WorklistItem], WorklistItem],
+            event: str) -> WorklistItem:
+    """Apply ``change`` atomically; its TriageError (a conflict) comes out unchanged."""
+    errors: list[TriageError] = []
+
+    def guarded(item: WorklistItem) -> WorklistItem | None:
+        errors.clear()
+        try:
+            return change(item)
+        except TriageError as exc:
+            errors.append(exc)
+            return None
+
+    if worklist.get(uid) is None:
+        raise StudyNotFound(f"study {uid} is not on the worklist")
+    updated = worklist.update(uid, guarded, event=event)
+    if errors:
+        raise errors[0]
+    assert updated is not None
+    return updated
+
+
+def claim(worklist: Worklist, uid: str, user: str, *, minutes: int,
+          now: datetime | None = None) -> WorklistItem:
+    """Give ``user`` the study for ``minutes``; renewing one's own claim extends it."""
+    now = now or utcnow()
+
+    def change(item: WorklistItem) -> WorklistItem:
+        if _claim_active(item, now) and item.claimed_by != user:
+            raise ClaimConflict(f"claimed by {item.claimed_by} until "
+                                f"{item.claim_expires_at:%H:%M} UTC")
+        return item.model_copy(update={"claimed_by": user,
+                                       "claim_expires_at": now + timedelta(minutes=minutes)})
+
+    return _change(worklist, uid, change, "claim")
+
+
+def release(worklist: Worklist, uid: str, user: str, *, force: bool = False) -> WorklistItem:
+    """End ``user``'s claim (``force``: anyone's, for admins)."""
+    now = utcnow()
+
+    def change(item: WorklistItem) -> WorklistItem:
+        if _claim_active(item, now) and item.claimed_by != user and not force:
+            raise ClaimConflict(f"claimed by {item.claimed_by}")
+        return item.model_copy(update={"claimed_by": None, "claim_expires_at": None})
+
+    return _change(worklist, uid, change, "claim")
+
+
+def mark_read(worklist: Worklist, uid: str, user: str) -> WorklistItem:
+    """Record that ``user`` has read the study; their claim ends with it."""
+    now = utcnow()
+
+    def change(item: WorklistItem) -> WorklistItem:
+        if _claim_active(item, now) and item.claimed_by != user:
+            raise ClaimConflict(f"claimed by {item.claimed_by}")
+        return item.model_copy(update={"read_by": user, "read_at": now, "claimed_by": None,
+                                       "claim_expires_at": None})
+
+    return _change(worklist, uid, change, "read")
+
+
+def add_feedback(worklist: Worklist, connection: redis.Redis, uid: str, user: str,
+                 feedback: Feedback) -> FeedbackRecord:
+    """Store ``feedback`` on the study and in the append-only feedback log."""
+    record = FeedbackRecord(study_instance_uid=uid, user=user, at=utcnow(),
+                            **feedback.model_dump())
+
+    def change(item: WorklistItem) -> WorklistItem:
+        known = {(f.model, f.model_version, f.code) for f in item.findings}
+        unknown = [v for v in feedback.findings
+                   if (v.model, v.model_version, v.code) not in known]
+        if unknown:
+            v = unknown[0]
+            raise InvalidFeedback(f"no finding {v.code} of {v.model} {v.model_version} "
+                                  "on this study")
+        return item.model_copy(update={"feedback": [*item.feedback, record]})
+
+    _change(worklist, uid, change, "feedback")
+    connection.rpush(FEEDBACK_LOG_KEY, record.model_dump_json())
+    return record
