@@ -9,6 +9,7 @@ arrives, which is what triggers a re-analysis.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from triage.orthanc import OrthancClient
@@ -36,6 +37,9 @@ class StudySnapshot:
     # One source instance's attributes and how it arrived: what the clinical priority reads.
     first_instance: dict[str, Any] = field(default_factory=dict)
     calling_aet: str = ""
+    # When Orthanc received that instance: the study's arrival time on the worklist, which
+    # a rebuild of the worklist from Orthanc finds again.
+    received_at: datetime | None = None
     # Instances of the SRs the service wrote into this study earlier.
     own_sr_ids: tuple[str, ...] = ()
 
@@ -87,10 +91,13 @@ def snapshot_study(orthanc: OrthancClient, orthanc_id: str, *, details: bool = F
     ordered = tuple(sorted(series, key=lambda s: s.info.series_instance_uid))
     first: dict[str, Any] = {}
     calling_aet = ""
+    received_at = None
     if first_instance and ordered and ordered[0].instance_ids:
         instance = ordered[0].instance_ids[0]
         first = orthanc.instance_tags(instance)
-        calling_aet = orthanc.instance_metadata(instance).get("RemoteAET", "")
+        metadata = orthanc.instance_metadata(instance)
+        calling_aet = metadata.get("RemoteAET", "")
+        received_at = _reception_date(metadata.get("ReceptionDate", ""))
     return StudySnapshot(
         orthanc_id=orthanc_id,
         study_instance_uid=study_uid,
@@ -102,5 +109,14 @@ def snapshot_study(orthanc: OrthancClient, orthanc_id: str, *, details: bool = F
         series=ordered,
         first_instance=first,
         calling_aet=calling_aet,
+        received_at=received_at,
         own_sr_ids=tuple(own_sr_ids),
     )
+
+
+def _reception_date(value: str) -> datetime | None:
+    """Orthanc's ReceptionDate metadata (``20261122T140005``, UTC) as a datetime."""
+    try:
+        return datetime.strptime(value, "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None

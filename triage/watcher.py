@@ -144,7 +144,8 @@ class Watcher:
             "inputs": snapshot.inputs,
         }
         if existing is None:
-            return WorklistItem(received_at=utcnow(), clinical_priority=clinical.priority,
+            return WorklistItem(received_at=snapshot.received_at or utcnow(),
+                                clinical_priority=clinical.priority,
                                 priority=clinical.priority,
                                 priority_reasons=list(clinical.reasons), **fields)
         # Nothing lowers a priority: a later clinical flag only adds to what was there.
