@@ -9,10 +9,10 @@ arrives, which is what triggers a re-analysis.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from triage.orthanc import OrthancClient
+from triage.orthanc import OrthancClient, orthanc_time
 from triage.selection import SeriesInfo, series_info
 from triage.uids import fingerprint, sr_series_uid
 
@@ -97,7 +97,7 @@ def snapshot_study(orthanc: OrthancClient, orthanc_id: str, *, details: bool = F
         first = orthanc.instance_tags(instance)
         metadata = orthanc.instance_metadata(instance)
         calling_aet = metadata.get("RemoteAET", "")
-        received_at = _reception_date(metadata.get("ReceptionDate", ""))
+        received_at = orthanc_time(metadata.get("ReceptionDate", ""))
     return StudySnapshot(
         orthanc_id=orthanc_id,
         study_instance_uid=study_uid,
@@ -113,10 +113,3 @@ def snapshot_study(orthanc: OrthancClient, orthanc_id: str, *, details: bool = F
         own_sr_ids=tuple(own_sr_ids),
     )
 
-
-def _reception_date(value: str) -> datetime | None:
-    """Orthanc's ReceptionDate metadata (``20261122T140005``, UTC) as a datetime."""
-    try:
-        return datetime.strptime(value, "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
-    except ValueError:
-        return None

@@ -141,6 +141,7 @@ def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str,
                     "more images arrived; analysis restarts when the study is complete")
         return SUPERSEDED
     _record_series(ctx, snapshot, inputs)
+    _check_size(ctx, snapshot)
     chosen, reasons = _select(ctx.registry.packages, snapshot)
     if not chosen:
         reason = "; ".join(reasons) or "no model is installed"
@@ -166,6 +167,19 @@ def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str,
     report_seconds = time.perf_counter() - started
     _record_results(ctx, snapshot, results, str(report.SOPInstanceUID), report_seconds)
     return StudyStatus.ANALYSED
+
+
+def _check_size(ctx: WorkerContext, snapshot: StudySnapshot) -> None:
+    """Refuse studies too large to analyse within the worker's memory."""
+    limit = ctx.settings.max_study_instances
+    if snapshot.n_instances > limit:
+        raise OutOfScope(f"study too large to analyse: {snapshot.n_instances} images "
+                         f"(limit {limit})")
+    statistics = ctx.orthanc.study_statistics(snapshot.orthanc_id)
+    megabytes = int(statistics.get("UncompressedSize", 0)) / 2**20
+    if megabytes > ctx.settings.max_study_megabytes:
+        raise OutOfScope(f"study too large to analyse: {megabytes:.0f} MB "
+                         f"(limit {ctx.settings.max_study_megabytes} MB)")
 
 
 def _earlier_reports(ctx: WorkerContext, snapshot: StudySnapshot,

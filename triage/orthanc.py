@@ -11,6 +11,7 @@ import io
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -44,6 +45,14 @@ class ChangesPage:
     changes: list[Change]
     last: int
     done: bool
+
+
+def orthanc_time(value: str) -> datetime | None:
+    """Orthanc's timestamps (``ReceptionDate``, ``LastUpdate``: ``20261122T140005``, UTC)."""
+    try:
+        return datetime.strptime(value, "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 @contextmanager
@@ -117,6 +126,14 @@ class OrthancClient:
 
     def study(self, study_id: str) -> dict[str, Any]:
         return self._call(f"study {study_id}", self._api.get_studies_id, study_id)
+
+    def series(self, series_id: str) -> dict[str, Any]:
+        return self._call(f"series {series_id}", self._api.get_series_id, series_id)
+
+    def study_statistics(self, study_id: str) -> dict[str, Any]:
+        """Instance count and sizes of a study (``DiskSize``, ``UncompressedSize`` in bytes)."""
+        return self._call(f"statistics of study {study_id}",
+                          self._api.get_studies_id_statistics, study_id)
 
     def study_series(self, study_id: str) -> list[dict[str, Any]]:
         return self._call(f"series of study {study_id}", self._api.get_studies_id_series,

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     job_timeout: int = Field(default=600, ge=10)
     job_retries: int = Field(default=3, ge=0)
     fetch_threads: int = Field(default=4, ge=1)
+    max_study_instances: int = Field(
+        default=5000, ge=1, description="Larger studies are skipped, not analysed"
+    )
+    max_study_megabytes: int = Field(
+        default=4096, ge=1, description="Studies taking more space (uncompressed) are skipped"
+    )
     max_wait_minutes: int = Field(
         default=60, ge=1, description="A routine study waiting longer is promoted to urgent"
     )

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
-from typing import Any
+import time
+from datetime import datetime, timedelta
+from typing import Any, cast
 
 import redis
 
 from triage.errors import TransientError
 from triage.ingest import StudySnapshot, snapshot_study
 from triage.logs import pseudonym
-from triage.orthanc import Change, OrthancClient, StudyGone
+from triage.orthanc import Change, OrthancClient, StudyGone, orthanc_time
 from triage.priority import ClinicalPriority, PriorityClass, clinical_priority, highest
 from triage.queues import QueueName, enqueue_analysis, job_pending
+from triage.recovery import recover_abandoned
 from triage.settings import Settings
 from triage.uids import job_id as make_job_id
 from triage.worklist import StudyStatus, Worklist, WorklistItem, utcnow
@@ -27,8 +29,17 @@ from triage.worklist import StudyStatus, Worklist, WorklistItem, utcnow
 log = logging.getLogger(__name__)
 
 CURSOR_KEY = "triage:watcher:cursor"
+# Studies that changed and have not been reported stable yet: Orthanc forgets them when it
+# restarts, so the watcher remembers them itself (Orthanc id -> change sequence).
+UNSTABLE_KEY = "triage:watcher:unstable"
 STABLE_STUDY = "StableStudy"
+NEW_STUDY = "NewStudy"
+NEW_SERIES = "NewSeries"
 PAGE_SIZE = 200
+MAINTENANCE_SECONDS = 5.0
+# How long past its stable age a study may stay unreported before the watcher treats it as
+# complete itself (Orthanc restarted in between and will never report it).
+UNSTABLE_GRACE_SECONDS = 30
 
 
 def _queue_for(existing: WorklistItem | None, clinical: ClinicalPriority) -> QueueName:
@@ -67,14 +78,56 @@ class Watcher:
         while True:
             page = self.orthanc.changes(cursor, PAGE_SIZE)
             for change in page.changes:
-                if change.change_type == STABLE_STUDY and self._handle(change):
-                    queued += 1
+                if change.change_type == STABLE_STUDY:
+                    self.redis.hdel(UNSTABLE_KEY, change.resource_id)
+                    queued += self._handle(change)
+                elif change.change_type in (NEW_STUDY, NEW_SERIES):
+                    self._remember_unstable(change)
                 # Advance change by change: a crash costs at most one re-read change.
                 self.redis.set(CURSOR_KEY, change.seq)
             cursor = page.last if page.changes else cursor
             self.redis.set(CURSOR_KEY, cursor)
             if page.done or not page.changes:
                 return queued
+
+    def _remember_unstable(self, change: Change) -> None:
+        study_id = change.resource_id
+        if change.change_type == NEW_SERIES:
+            try:
+                study_id = self.orthanc.series(change.resource_id)["ParentStudy"]
+            except StudyGone:
+                return
+        self.redis.hset(UNSTABLE_KEY, study_id, change.seq)
+
+    def sweep_unstable(self, now: datetime) -> int:
+        """Queue studies Orthanc stopped tracking (it restarted before they were stable).
+
+        Returns the number queued.
+        """
+        queued = 0
+        limit = timedelta(seconds=self.settings.stable_age + UNSTABLE_GRACE_SECONDS)
+        for raw_id in cast(list[bytes], self.redis.hkeys(UNSTABLE_KEY)):
+            study_id = raw_id.decode()
+            try:
+                study = self.orthanc.study(study_id)
+            except StudyGone:
+                self.redis.hdel(UNSTABLE_KEY, study_id)
+                continue
+            updated = orthanc_time(study.get("LastUpdate", ""))
+            if study.get("IsStable") or updated is None or now - updated < limit:
+                continue  # Orthanc still tracks it, or it is still arriving
+            log.warning("study %s was never reported stable; queueing it", study_id)
+            self.redis.hdel(UNSTABLE_KEY, study_id)
+            queued += self._handle(Change(seq=0, change_type=STABLE_STUDY,
+                                          resource_id=study_id, resource_type="Study"))
+        return queued
+
+    def maintain(self, now: datetime) -> None:
+        """The watcher's periodic chores besides following the change log."""
+        self.worklist.promote_overdue(
+            now=now, max_wait=timedelta(minutes=self.settings.max_wait_minutes))
+        recover_abandoned(self.redis)
+        self.sweep_unstable(now)
 
     def _handle(self, change: Change) -> bool:
         """Handle one stable study; a study that cannot be read never blocks the others."""
@@ -161,13 +214,16 @@ class Watcher:
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set; Orthanc or Redis outages are waited out."""
         log.info("watcher following %s", self.orthanc.base_url)
+        last_maintenance = 0.0
         while not stop.is_set():
             try:
                 self.poll_once()
-                self.worklist.promote_overdue(
-                    now=utcnow(), max_wait=timedelta(minutes=self.settings.max_wait_minutes))
+                if time.monotonic() - last_maintenance >= MAINTENANCE_SECONDS:
+                    self.maintain(utcnow())
+                    last_maintenance = time.monotonic()
             except (TransientError, redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("watcher waiting: %s", exc)
                 stop.wait(min(5.0, self.settings.watcher_poll_seconds * 5))
                 continue
             stop.wait(self.settings.watcher_poll_seconds)
+

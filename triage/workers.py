@@ -7,6 +7,7 @@ start are reused by every study.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from rq.job import Job
 from rq.queue import Queue
@@ -14,6 +15,7 @@ from rq.worker import SimpleWorker
 
 from triage.jobs import context
 from triage.queues import queues
+from triage.recovery import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,14 @@ class AnalysisWorker(SimpleWorker):
     flag: the current study is finished, and the worker waits on Redis in short slices so it
     notices the flag within ``STOP_CHECK_SECONDS`` when idle.
     """
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        heartbeat = Heartbeat(self.connection, self.name)
+        heartbeat.start()
+        try:
+            return super().work(*args, **kwargs)
+        finally:
+            heartbeat.stop()
 
     def _shutdown(self) -> None:
         self._stop_requested = True
