@@ -113,9 +113,11 @@ class Watcher:
             except StudyGone:
                 self.redis.hdel(UNSTABLE_KEY, study_id)
                 continue
+            # Orthanc calls a study it no longer tracks "stable" without ever announcing it;
+            # one quiet for this long would have been announced and seen by now.
             updated = orthanc_time(study.get("LastUpdate", ""))
-            if study.get("IsStable") or updated is None or now - updated < limit:
-                continue  # Orthanc still tracks it, or it is still arriving
+            if updated is None or now - updated < limit:
+                continue
             log.warning("study %s was never reported stable; queueing it", study_id)
             self.redis.hdel(UNSTABLE_KEY, study_id)
             queued += self._handle(Change(seq=0, change_type=STABLE_STUDY,

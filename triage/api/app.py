@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
 from triage import __version__
-from triage.api.routes import health, studies, worklist
+from triage.api.routes import admin, health, studies, worklist
 from triage.settings import Settings, get_settings
 
 
@@ -25,6 +25,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(worklist.router)
     app.include_router(studies.router)
+    app.include_router(admin.router)
     page = resources.files("triage.web").joinpath("index.html").read_text()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -79,6 +79,7 @@ def require(*roles: Role) -> Callable[[TokenRecord], TokenRecord]:
     return _require(current_user, roles)
 
 
+AdminDep = Annotated[TokenRecord, Depends(require(Role.ADMIN))]
 ReaderDep = Annotated[TokenRecord, Depends(require(Role.RADIOLOGIST, Role.ADMIN))]
 StreamReaderDep = Annotated[TokenRecord, Depends(_require(stream_user, (Role.RADIOLOGIST,
                                                                            Role.ADMIN)))]
