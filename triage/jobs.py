@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +20,7 @@ import pydicom
 import redis
 from rq import get_current_job
 
+from triage import audit
 from triage.errors import InvalidInput, OutOfScope, PermanentError, TransientError
 from triage.findings import ModelResult
 from triage.inference import run_model
@@ -276,6 +279,15 @@ def _record_results(ctx: WorkerContext, snapshot: StudySnapshot, results: list[M
             "analysed_at": utcnow(), "sr_sop_instance_uid": sr_uid,
         })
 
-    ctx.worklist.update(snapshot.study_instance_uid, _for_inputs(snapshot.inputs, change),
-                        event="analysed")
+    stored = ctx.worklist.update(snapshot.study_instance_uid,
+                                 _for_inputs(snapshot.inputs, change), event="analysed")
+    if stored is not None:
+        for r in results:
+            audit.record(ctx.redis, actor="worker", source=f"{socket.gethostname()}:"
+                         f"{os.getpid()}", action=audit.AuditAction.RESULT_PRODUCED,
+                         study_instance_uid=snapshot.study_instance_uid,
+                         details={"model": r.model.id, "model_version": r.model.version,
+                                  "weights_sha256": r.model.weights_sha256,
+                                  "sr_sop_instance_uid": sr_uid,
+                                  "series_instance_uid": r.series_instance_uid})
 

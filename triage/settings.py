@@ -88,6 +88,21 @@ class Settings(BaseSettings):
         description="Link to open a study; fields: orthanc_url, orthanc_id, "
         "study_instance_uid, accession_number",
     )
+    oidc_issuer: str | None = Field(default=None, description="Enables single sign-on")
+    oidc_audience: str | None = None
+    oidc_jwks_file: Path | None = None
+    oidc_jwks_url: str | None = None
+    oidc_role_claim: str = "roles"
+    oidc_role_map: dict[str, str] = Field(
+        default_factory=dict, description="identity-provider role -> service role"
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed to call the API from a browser"
+    )
+    max_request_bytes: int = Field(default=1_000_000, ge=1024)
+    auth_failures_per_minute: int = Field(
+        default=20, ge=1, description="Failed authentications from one address before 429"
+    )
     development: bool = Field(
         default=True, description="Allows generated secrets; hospitals set it to false"
     )

@@ -1,23 +1,28 @@
-"""API bearer tokens and the roles they carry.
+"""API bearer tokens: the role they carry, who they are for, when they expire.
 
-A token is shown once, when it is created; Redis keeps only its SHA-256, with the owner's name
-and the role.
+A token is shown once, when it is created; Redis keeps only its SHA-256 with the owner, the
+role, the expiry and, once revoked, when. Tokens are listed and revoked by a short id (the
+start of that hash), never by the secret.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum
+from typing import cast
 
 import redis
 from pydantic import BaseModel
 
+from triage.errors import TriageError
 from triage.worklist import utcnow
 
 TOKENS_KEY = "triage:tokens"
 TOKEN_PREFIX = "trg_"
+DEFAULT_TOKEN_DAYS = 90
+_ID_LENGTH = 12
 
 
 class Role(str, Enum):
@@ -27,26 +32,61 @@ class Role(str, Enum):
 
 
 class TokenRecord(BaseModel):
+    id: str = ""
     owner: str
     role: Role
     created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+    def valid(self, now: datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+class TokenNotFound(TriageError):
+    """No token has this id."""
 
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(connection: redis.Redis, *, role: Role | str, owner: str) -> str:
-    """Create a token for ``owner`` with ``role``; the token itself is never stored."""
-    record = TokenRecord(owner=owner, role=Role(role), created_at=utcnow())
+def create_token(connection: redis.Redis, *, role: Role | str, owner: str,
+                 days: int | None = DEFAULT_TOKEN_DAYS) -> str:
+    """Create a token for ``owner`` with ``role``, valid ``days`` (None: until revoked)."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    connection.hset(TOKENS_KEY, _digest(token), record.model_dump_json())
+    digest = _digest(token)
+    now = utcnow()
+    record = TokenRecord(id=digest[:_ID_LENGTH], owner=owner, role=Role(role), created_at=now,
+                         expires_at=now + timedelta(days=days) if days else None)
+    connection.hset(TOKENS_KEY, digest, record.model_dump_json())
     return token
 
 
 def verify_token(connection: redis.Redis, token: str) -> TokenRecord | None:
-    """The record of a valid token, ``None`` for an unknown one."""
+    """The record of a valid token; ``None`` for an unknown, expired or revoked one."""
     if not token.startswith(TOKEN_PREFIX):
         return None
     raw = connection.hget(TOKENS_KEY, _digest(token))
-    return TokenRecord.model_validate_json(raw) if raw else None
+    if not raw:
+        return None
+    record = TokenRecord.model_validate_json(raw)
+    return record if record.valid(utcnow()) else None
+
+
+def list_tokens(connection: redis.Redis) -> list[TokenRecord]:
+    raw = cast(dict[bytes, bytes], connection.hgetall(TOKENS_KEY))
+    return sorted((TokenRecord.model_validate_json(v) for v in raw.values()),
+                  key=lambda r: r.created_at)
+
+
+def revoke_token(connection: redis.Redis, token_id: str) -> TokenRecord:
+    """Revoke the token whose id is ``token_id``; it stops working at once."""
+    raw = cast(dict[bytes, bytes], connection.hgetall(TOKENS_KEY))
+    for digest, value in raw.items():
+        record = TokenRecord.model_validate_json(value)
+        if record.id == token_id:
+            record.revoked_at = record.revoked_at or utcnow()
+            connection.hset(TOKENS_KEY, digest, record.model_dump_json())
+            return record
+    raise TokenNotFound(f"no token with id {token_id}")

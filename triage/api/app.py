@@ -6,10 +6,13 @@ from importlib import resources
 
 import redis
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 
 from triage import __version__
 from triage.api.routes import admin, health, studies, worklist
+from triage.api.security import RequestSizeLimit, SecurityHeaders
+from triage.oidc import OidcValidator
 from triage.settings import Settings, get_settings
 
 
@@ -22,6 +25,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.redis = redis.Redis.from_url(settings.redis_connection_url)
+    app.state.oidc = OidcValidator(settings) if settings.oidc_issuer else None
+    app.add_middleware(RequestSizeLimit, limit=settings.max_request_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(SecurityHeaders)
     app.include_router(health.router)
     app.include_router(worklist.router)
     app.include_router(studies.router)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Request, status
 
-from triage.api.deps import ReaderDep, RedisDep, SettingsDep, WorklistDep
+from triage.api.deps import ReaderDep, RedisDep, SettingsDep, WorklistDep, audit
+from triage.audit import AuditAction
 from triage.settings import Settings
 from triage.tokens import Role
 from triage.workflow import (
@@ -41,60 +42,67 @@ def _translate(exc: Exception) -> HTTPException:
 
 
 @router.get("/{study_instance_uid}", response_model=StudyDetail)
-def study(study_instance_uid: str, _user: ReaderDep, worklist: WorklistDep,
+def study(study_instance_uid: str, request: Request, user: ReaderDep, worklist: WorklistDep,
           settings: SettingsDep) -> StudyDetail:
     """The study's worklist item with its series, per-model results, findings with the key
     image, priority reasons, feedback, and a link that opens it in the viewer."""
     item = worklist.get(study_instance_uid)
     if item is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "study not on the worklist")
+    audit(request, user, AuditAction.STUDY_VIEWED, study_instance_uid=study_instance_uid)
     return _detail(item, settings)
 
 
 @router.post("/{study_instance_uid}/claim", response_model=StudyDetail,
              responses={409: {"description": "another radiologist holds the study"}})
-def claim_study(study_instance_uid: str, user: ReaderDep, worklist: WorklistDep,
-                settings: SettingsDep) -> StudyDetail:
+def claim_study(study_instance_uid: str, request: Request, user: ReaderDep,
+                worklist: WorklistDep, settings: SettingsDep) -> StudyDetail:
     """Take the study for ``TRIAGE_CLAIM_MINUTES``; claiming again extends one's own claim."""
     try:
         item = claim(worklist, study_instance_uid, user.owner, minutes=settings.claim_minutes)
     except (StudyNotFound, ClaimConflict) as exc:
         raise _translate(exc) from exc
+    audit(request, user, AuditAction.STUDY_CLAIMED, study_instance_uid=study_instance_uid)
     return _detail(item, settings)
 
 
 @router.post("/{study_instance_uid}/release", response_model=StudyDetail,
              responses={409: {"description": "another radiologist holds the study"}})
-def release_study(study_instance_uid: str, user: ReaderDep, worklist: WorklistDep,
-                  settings: SettingsDep) -> StudyDetail:
+def release_study(study_instance_uid: str, request: Request, user: ReaderDep,
+                  worklist: WorklistDep, settings: SettingsDep) -> StudyDetail:
     """End one's claim; an admin may end anyone's."""
     try:
         item = release(worklist, study_instance_uid, user.owner,
                        force=user.role is Role.ADMIN)
     except (StudyNotFound, ClaimConflict) as exc:
         raise _translate(exc) from exc
+    audit(request, user, AuditAction.STUDY_RELEASED, study_instance_uid=study_instance_uid)
     return _detail(item, settings)
 
 
 @router.post("/{study_instance_uid}/read", response_model=StudyDetail,
              responses={409: {"description": "another radiologist holds the study"}})
-def read_study(study_instance_uid: str, user: ReaderDep, worklist: WorklistDep,
-               settings: SettingsDep) -> StudyDetail:
+def read_study(study_instance_uid: str, request: Request, user: ReaderDep,
+               worklist: WorklistDep, settings: SettingsDep) -> StudyDetail:
     """Mark the study read by the caller."""
     try:
         item = mark_read(worklist, study_instance_uid, user.owner)
     except (StudyNotFound, ClaimConflict) as exc:
         raise _translate(exc) from exc
+    audit(request, user, AuditAction.STUDY_READ, study_instance_uid=study_instance_uid)
     return _detail(item, settings)
 
 
 @router.post("/{study_instance_uid}/feedback", response_model=FeedbackRecord,
              status_code=status.HTTP_201_CREATED)
-def feedback(study_instance_uid: str, body: Feedback, user: ReaderDep,
+def feedback(study_instance_uid: str, body: Feedback, request: Request, user: ReaderDep,
              worklist: WorklistDep, connection: RedisDep) -> FeedbackRecord:
     """Agree or disagree with each AI finding, and record whether each finding is present
     in the final read; kept for monitoring the models' performance."""
     try:
-        return add_feedback(worklist, connection, study_instance_uid, user.owner, body)
+        stored = add_feedback(worklist, connection, study_instance_uid, user.owner, body)
     except (StudyNotFound, InvalidFeedback) as exc:
         raise _translate(exc) from exc
+    audit(request, user, AuditAction.FEEDBACK_RECORDED, study_instance_uid=study_instance_uid,
+          details=body.model_dump(mode="json"))
+    return stored

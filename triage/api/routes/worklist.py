@@ -12,7 +12,8 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from triage.api.deps import ReaderDep, SettingsDep, StreamReaderDep, WorklistDep
+from triage.api.deps import ReaderDep, SettingsDep, StreamReaderDep, WorklistDep, audit
+from triage.audit import AuditAction
 from triage.priority import PriorityClass
 from triage.worklist import (
     DEFAULT_PAGE_SIZE,
@@ -30,7 +31,8 @@ KEEPALIVE_SECONDS = 15.0
 
 @router.get("/worklist", response_model=WorklistPage)
 def worklist(
-    _user: ReaderDep,
+    request: Request,
+    user: ReaderDep,
     worklist: WorklistDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
     offset: Annotated[int, Query(ge=0)] = 0,
@@ -49,7 +51,11 @@ def worklist(
     query = WorklistQuery(status=status, priority=priority, modality=modality, model=model,
                           finding=finding, claimed_by=claimed_by, read=read,
                           received_from=received_from, received_to=received_to)
-    return worklist.query(query, limit=limit, offset=offset)
+    page = worklist.query(query, limit=limit, offset=offset)
+    audit(request, user, AuditAction.WORKLIST_VIEWED, details={
+        "filters": query.model_dump(mode="json", exclude_none=True),
+        "offset": offset, "shown": len(page.items)})
+    return page
 
 
 @router.get("/worklist/events", response_class=StreamingResponse,
