@@ -6,20 +6,34 @@ the stack it talks to.
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
 import redis
 
+from triage.audit import AuditAction, export, record, verify
 from triage.logs import configure_logging
 from triage.settings import DEFAULT_WORKERS, Settings
-from triage.tokens import Role, create_token
+from triage.tokens import (
+    DEFAULT_TOKEN_DAYS,
+    Role,
+    TokenNotFound,
+    create_token,
+    list_tokens,
+    revoke_token,
+    verify_token,
+)
+from triage.worklist import utcnow
 
 log = logging.getLogger("triage")
 
@@ -53,7 +67,7 @@ def up(data_dir: Path | None, workers: int, samples: bool) -> None:
     try:
         stack.start()
         token = create_token(redis.Redis.from_url(settings.redis_connection_url),
-                             role=Role.ADMIN, owner="local-admin")
+                             role=Role.ADMIN, owner="local-admin", days=1)
         if samples:
             _send_samples(settings)
         _announce(settings, token)
@@ -145,12 +159,85 @@ def token() -> None:
 @token.command("create")
 @click.option("--role", type=click.Choice([r.value for r in Role]), required=True)
 @click.option("--owner", default=None, help="Who the token is for (default: the OS user).")
-def token_create(role: str, owner: str | None) -> None:
+@click.option("--days", type=int, default=DEFAULT_TOKEN_DAYS, show_default=True,
+              help="Days until it expires; 0 for never.")
+def token_create(role: str, owner: str | None, days: int) -> None:
     """Print a new bearer token; only its hash is stored."""
-    settings = Settings()
-    owner = owner or os.environ.get("USER", "unknown")
-    click.echo(create_token(redis.Redis.from_url(settings.redis_connection_url),
-                            role=Role(role), owner=owner))
+    connection = _redis()
+    owner = owner or _os_user()
+    secret = create_token(connection, role=Role(role), owner=owner, days=days or None)
+    created = verify_token(connection, secret)
+    assert created is not None
+    _audit_cli(connection, AuditAction.TOKEN_CREATED,
+               {"token_id": created.id, "owner": owner, "role": role})
+    click.echo(secret)
+
+
+@token.command("list")
+def token_list() -> None:
+    """Every token: id, owner, role, expiry, revocation."""
+    now = utcnow()
+    for entry in list_tokens(_redis()):
+        state = ("revoked" if entry.revoked_at else
+                 "expired" if not entry.valid(now) else "valid")
+        expires = f"{entry.expires_at:%Y-%m-%d}" if entry.expires_at else "never"
+        click.echo(f"{entry.id}  {entry.owner:<20} {entry.role.value:<12} "
+                   f"expires {expires}  {state}")
+
+
+@token.command("revoke")
+@click.argument("token_id")
+def token_revoke(token_id: str) -> None:
+    """Revoke the token with TOKEN_ID (from `triage token list`)."""
+    connection = _redis()
+    try:
+        revoked = revoke_token(connection, token_id)
+    except TokenNotFound as exc:
+        raise click.ClickException(str(exc)) from exc
+    _audit_cli(connection, AuditAction.TOKEN_REVOKED, {"token_id": token_id})
+    click.echo(f"revoked {revoked.id} ({revoked.owner}, {revoked.role.value})")
+
+
+@main.group("audit")
+def audit_group() -> None:
+    """The audit trail."""
+
+
+@audit_group.command("verify")
+def audit_verify() -> None:
+    """Check the hash chain; exits 1 naming the first altered or missing record."""
+    result = verify(_redis())
+    if not result.ok:
+        raise click.ClickException(f"audit trail broken: {result.problem}")
+    click.echo(f"audit trail intact: {result.records} records")
+
+
+@audit_group.command("export")
+@click.option("--start", type=click.DateTime(), default=None)
+@click.option("--end", type=click.DateTime(), default=None)
+def audit_export(start: datetime | None, end: datetime | None) -> None:
+    """Write the records between START and END (UTC) as JSON lines."""
+    connection = _redis()
+    start = start.replace(tzinfo=UTC) if start else None
+    end = end.replace(tzinfo=UTC) if end else None
+    _audit_cli(connection, AuditAction.AUDIT_EXPORTED,
+               {"start": start.isoformat() if start else None,
+                "end": end.isoformat() if end else None})
+    for line in export(connection, start, end):
+        click.echo(line, nl=False)
+
+
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(Settings().redis_connection_url)
+
+
+def _os_user() -> str:
+    return os.environ.get("USER") or getpass.getuser()
+
+
+def _audit_cli(connection: redis.Redis, action: AuditAction, details: dict[str, Any]) -> None:
+    record(connection, actor=_os_user(), role="cli", source=f"cli@{socket.gethostname()}",
+           action=action, details=details)
 
 
 @main.group()

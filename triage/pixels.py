@@ -8,11 +8,14 @@ missing. Values follow the CT Image module (PS3.3 C.8.2.1) for ``hu`` and the Im
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.encaps import parse_fragments
 from pydicom.uid import UID
 
 from triage.errors import InvalidInput
@@ -21,6 +24,13 @@ from triage.manifest import Rescale
 SliceTransform = Callable[[np.ndarray], np.ndarray]
 
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+# Largest image side the decoder accepts, and the largest decoded size of one instance: a
+# header that declares more is refused before anything is allocated.
+MAX_IMAGE_SIDE = 16384
+MAX_DECODED_MEGABYTES = 2048
+_BITS_ALLOCATED = (8, 16, 32)
+# A UID per PS3.5 9.1: digits in components without leading zeros, at most 64 characters.
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,7 @@ def decode_series(
         raise InvalidInput("no images in the series")
     rescale = Rescale(rescale)
     for ds in datasets:
+        _check_identifiers(ds)
         _check_decodable(ds)
     shapes = sorted({(int(ds.Rows), int(ds.Columns)) for ds in datasets})
     if len(shapes) > 1:
@@ -83,26 +94,127 @@ def sort_slices(datasets: Sequence[Dataset]) -> list[Dataset]:
 def _position_along_normal(ds: Dataset) -> float | None:
     orientation = ds.get("ImageOrientationPatient")
     position = ds.get("ImagePositionPatient")
-    if not orientation or not position or len(orientation) != 6 or len(position) != 3:
+    try:
+        if not orientation or not position or len(orientation) != 6 or len(position) != 3:
+            return None
+        row, column = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+        along = float(np.dot(np.cross(row, column), np.asarray(position, float)))
+    except (TypeError, ValueError):  # values that are not numbers: order by Instance Number
         return None
-    row, column = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
-    return float(np.dot(np.cross(row, column), np.asarray(position, float)))
+    return along if math.isfinite(along) else None
 
 
 def _instance_number(ds: Dataset) -> int:
     # Images without a number keep their relative order after the numbered ones (sort is stable).
     number = ds.get("InstanceNumber")
-    return int(number) if number not in (None, "") else 2**31
+    try:
+        return int(number) if number not in (None, "") else 2**31
+    except (TypeError, ValueError):
+        return 2**31
+
+
+def _check_identifiers(ds: Dataset) -> None:
+    # The SR references these UIDs; an invalid one would make the report itself invalid.
+    for keyword, name in (("StudyInstanceUID", "Study Instance UID"),
+                          ("SeriesInstanceUID", "Series Instance UID"),
+                          ("SOPInstanceUID", "SOP Instance UID"),
+                          ("SOPClassUID", "SOP Class UID")):
+        value = str(ds.get(keyword, "") or "").strip()
+        if not value:
+            raise InvalidInput(f"an image of the series has no {name}")
+        if len(value) > 64 or not _UID.match(value):
+            raise InvalidInput(f"an image of the series has an invalid {name} "
+                               "(not digits and dots, or longer than 64 characters)")
 
 
 def _check_decodable(ds: Dataset) -> None:
+    """Refuse, before decoding, what the decoder cannot or should not try: the header is
+    checked against the pixel data so that no declared size is ever allocated blindly."""
     if "PixelData" not in ds:
+        for keyword in ("FloatPixelData", "DoubleFloatPixelData"):
+            if keyword in ds:
+                raise InvalidInput(
+                    "floating-point pixel data is not supported, only integer images "
+                    f"can be analysed ({keyword.replace('Pixel', ' Pixel')})"
+                )
         raise InvalidInput("an image of the series has no pixel data")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric not in _MONOCHROME:
         raise InvalidInput(
             f"unsupported photometric interpretation {photometric or 'missing'}, "
             "only greyscale images can be analysed"
+        )
+    rows, columns = _integer(ds, "Rows"), _integer(ds, "Columns")
+    frames = _integer(ds, "NumberOfFrames", default=1)
+    samples = _integer(ds, "SamplesPerPixel", default=1)
+    bits = _integer(ds, "BitsAllocated")
+    stored = _integer(ds, "BitsStored", default=bits)
+    representation = _integer(ds, "PixelRepresentation", default=0)
+    if not (0 < rows <= MAX_IMAGE_SIDE and 0 < columns <= MAX_IMAGE_SIDE):
+        problem = "are invalid" if rows <= 0 or columns <= 0 else (
+            f"exceed the limit of {MAX_IMAGE_SIDE} x {MAX_IMAGE_SIDE}")
+        raise InvalidInput(f"image dimensions {rows} x {columns} {problem}")
+    if frames < 1:
+        raise InvalidInput(f"Number of Frames {frames} is invalid")
+    if samples != 1:
+        raise InvalidInput(f"Samples per Pixel {samples} in a greyscale image is invalid, "
+                           "a greyscale image has 1")
+    if bits not in _BITS_ALLOCATED:
+        raise InvalidInput(f"Bits Allocated {bits} is not supported, only "
+                           f"{', '.join(map(str, _BITS_ALLOCATED))} bit images can be analysed")
+    if not 1 <= stored <= bits:
+        raise InvalidInput(f"Bits Stored {stored} does not fit Bits Allocated {bits}")
+    if representation not in (0, 1):
+        raise InvalidInput(f"Pixel Representation {representation} is invalid, "
+                           "it is 0 (unsigned) or 1 (signed)")
+    expected = rows * columns * frames * bits // 8
+    if expected > MAX_DECODED_MEGABYTES * 2**20:
+        raise InvalidInput(
+            f"image too large to decode: {rows} x {columns} x {frames} frames of {bits} bits "
+            f"({expected / 2**20:.0f} MB, limit {MAX_DECODED_MEGABYTES} MB)"
+        )
+    data = ds.PixelData
+    if not data:
+        raise InvalidInput("pixel data is empty")
+    if _is_encapsulated(ds):
+        _check_fragments(ds, data, frames)
+    elif len(data) < expected:
+        raise InvalidInput(
+            "pixel data is shorter than Rows x Columns x frames declare: "
+            f"{len(data)} bytes for {rows} x {columns} x {frames} of {bits} bits "
+            f"({expected} bytes)"
+        )
+
+
+def _integer(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword)
+    name = re.sub(r"(?<!^)(?=[A-Z])", " ", keyword).replace(" Of ", " of ").replace(" Per ",
+                                                                                     " per ")
+    if value in (None, ""):
+        if default is None:
+            raise InvalidInput(f"an image of the series has no {name}")
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{name} of an image is not a whole number") from None
+
+
+def _is_encapsulated(ds: Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    return uid is not None and UID(str(uid)).is_encapsulated
+
+
+def _check_fragments(ds: Dataset, data: bytes, frames: int) -> None:
+    try:
+        fragments, _ = parse_fragments(data)
+    except Exception as exc:  # pydicom raises several types for malformed item headers
+        raise InvalidInput(f"compressed pixel data is malformed ({_syntax_name(ds)})") from exc
+    if fragments < frames:
+        raise InvalidInput(
+            f"compressed pixel data holds {fragments} fragment(s) for {frames} frames "
+            f"({_syntax_name(ds)})"
         )
 
 
@@ -147,9 +259,27 @@ def _rescale(ds: Dataset, frame: int) -> tuple[float, float]:
                 sources.append(transform[0])
     for source in sources:
         if "RescaleSlope" in source or "RescaleIntercept" in source:
-            return (float(source.get("RescaleSlope", 1) or 1),
-                    float(source.get("RescaleIntercept", 0) or 0))
+            slope = _decimal(source.get("RescaleSlope"), "rescale slope", 1.0)
+            intercept = _decimal(source.get("RescaleIntercept"), "rescale intercept", 0.0)
+            if slope == 0:
+                raise InvalidInput("rescale slope 0 maps every pixel to the same value")
+            return slope, intercept
     return 1.0, 0.0
+
+
+def _decimal(value: object, name: str, default: float) -> float:
+    """A Decimal String attribute as a finite float; ``default`` when empty."""
+    if value is None or str(value).strip() == "":
+        return default
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise InvalidInput(f"{name} is not a number") from None
+    if math.isnan(number):
+        raise InvalidInput(f"{name} NaN is not a number")
+    if math.isinf(number):
+        raise InvalidInput(f"{name} is infinite")
+    return number
 
 
 def _syntax_name(ds: Dataset) -> str:

@@ -147,6 +147,8 @@ class WorklistItem(BaseModel):
         if self.claimed_by:
             facets.add(f"claimed:{self.claimed_by}")
         facets.add("read" if self.read_at else "unread")
+        if self.accession_number:
+            facets.add(f"accession:{self.accession_number}")
         return facets
 
 
@@ -349,6 +351,19 @@ class Worklist:
         raws = self.redis.mget([_item_key(u.decode()) for u in uids]) if uids else []
         items = [WorklistItem.model_validate_json(r) for r in raws if r]
         return WorklistPage(items=items, total=total, counts=by_class)
+
+    def query_counts(self) -> dict[str, int]:
+        """Studies per priority class."""
+        return self.query(WorklistQuery(), limit=1).counts
+
+    def with_facet(self, facet: str) -> list[WorklistItem]:
+        """Items with one index entry, e.g. ``accession:A123`` (unordered)."""
+        uids = cast(set[bytes], self.redis.smembers(_facet_key(facet)))
+        raws = self.redis.mget([_item_key(u.decode()) for u in uids]) if uids else []
+        return [WorklistItem.model_validate_json(r) for r in raws if r]
+
+    def count_facet(self, facet: str) -> int:
+        return int(self.redis.scard(_facet_key(facet)))
 
     def release_expired_claims(self, now: datetime) -> None:
         """Claims end on their own: a radiologist who walks away frees the study."""

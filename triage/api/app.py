@@ -10,7 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 
 from triage import __version__
-from triage.api.routes import admin, health, studies, worklist
+from triage.api.routes import admin, health, integration, studies, worklist
 from triage.api.security import RequestSizeLimit, SecurityHeaders
 from triage.oidc import OidcValidator
 from triage.settings import Settings, get_settings
@@ -36,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(worklist.router)
     app.include_router(studies.router)
     app.include_router(admin.router)
+    app.include_router(integration.router)
     page = resources.files("triage.web").joinpath("index.html").read_text()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

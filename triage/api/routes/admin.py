@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
-from pydantic import BaseModel
+from datetime import datetime
+
+from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
 
 from triage.admin import (
     FailedJob,
@@ -16,7 +19,19 @@ from triage.admin import (
     requeue_all,
     workers,
 )
-from triage.api.deps import AdminDep, RedisDep
+from triage.api.deps import AdminDep, RedisDep, SettingsDep, audit
+from triage.audit import AuditAction, export
+from triage.registry import ModelRegistry
+from triage.tokens import (
+    DEFAULT_TOKEN_DAYS,
+    Role,
+    TokenNotFound,
+    TokenRecord,
+    create_token,
+    list_tokens,
+    revoke_token,
+    verify_token,
+)
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 
@@ -44,16 +59,94 @@ def get_failed_jobs(_admin: AdminDep, connection: RedisDep) -> list[FailedJob]:
 
 
 @router.post("/jobs/failed/requeue", response_model=Requeued)
-def requeue_failed(admin: AdminDep, connection: RedisDep) -> Requeued:
+def requeue_failed(request: Request, admin: AdminDep, connection: RedisDep) -> Requeued:
     """Requeue every failed job."""
-    return Requeued(requeued=requeue_all(connection, by=admin.owner))
+    requeued = requeue_all(connection, by=admin.owner)
+    audit(request, admin, AuditAction.JOB_REQUEUED, details={"jobs": requeued})
+    return Requeued(requeued=requeued)
 
 
 @router.post("/jobs/{job_id}/requeue", response_model=Requeued,
              responses={404: {"description": "no failed job with this id"}})
-def requeue_job(job_id: str, admin: AdminDep, connection: RedisDep) -> Requeued:
+def requeue_job(job_id: str, request: Request, admin: AdminDep,
+                connection: RedisDep) -> Requeued:
     try:
         requeue(connection, job_id, by=admin.owner)
     except JobNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    audit(request, admin, AuditAction.JOB_REQUEUED, details={"jobs": [job_id]})
     return Requeued(requeued=[job_id])
+
+
+class TokenCreate(BaseModel):
+    owner: str = Field(min_length=1, max_length=128)
+    role: Role
+    days: int | None = Field(default=DEFAULT_TOKEN_DAYS, ge=1, le=3650)
+
+
+class TokenCreated(TokenRecord):
+    token: str = Field(description="shown once; only its hash is kept")
+
+
+@router.get("/tokens", response_model=list[TokenRecord])
+def get_tokens(_admin: AdminDep, connection: RedisDep) -> list[TokenRecord]:
+    """Every token: owner, role, creation, expiry, revocation (never the secret)."""
+    return list_tokens(connection)
+
+
+@router.post("/tokens", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)
+def post_token(body: TokenCreate, request: Request, admin: AdminDep,
+               connection: RedisDep) -> TokenCreated:
+    token = create_token(connection, role=body.role, owner=body.owner, days=body.days)
+    record = verify_token(connection, token)
+    assert record is not None
+    audit(request, admin, AuditAction.TOKEN_CREATED,
+          details={"token_id": record.id, "owner": body.owner, "role": body.role.value})
+    return TokenCreated(**record.model_dump(), token=token)
+
+
+@router.delete("/tokens/{token_id}", response_model=TokenRecord,
+               responses={404: {"description": "no token with this id"}})
+def delete_token(token_id: str, request: Request, admin: AdminDep,
+                 connection: RedisDep) -> TokenRecord:
+    """Revoke a token; it stops working at once."""
+    try:
+        record = revoke_token(connection, token_id)
+    except TokenNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    audit(request, admin, AuditAction.TOKEN_REVOKED, details={"token_id": token_id})
+    return record
+
+
+class ModelState(BaseModel):
+    folder: str
+    id: str | None = None
+    version: str | None = None
+    name: str | None = None
+    regulatory_status: str | None = None
+    sha256: str | None = None
+    refused: str | None = None
+
+
+@router.get("/models", response_model=list[ModelState])
+def get_models(_admin: AdminDep, settings: SettingsDep) -> list[ModelState]:
+    """The model packages the workers load, and those refused with the reason."""
+    registry = ModelRegistry.load(settings.models_dir)
+    states = [ModelState(folder=p.folder.name, id=p.manifest.id, version=p.manifest.version,
+                         name=p.manifest.name, regulatory_status=p.manifest.regulatory_status,
+                         sha256=p.manifest.sha256) for p in registry.packages]
+    states += [ModelState(folder=folder, refused=error)
+               for folder, error in registry.errors.items()]
+    return states
+
+
+@router.get("/audit", response_class=StreamingResponse,
+            responses={200: {"content": {"application/x-ndjson": {}}}})
+def get_audit(request: Request, admin: AdminDep, connection: RedisDep,
+              start: datetime | None = None, end: datetime | None = None) -> StreamingResponse:
+    """The audit trail between ``start`` and ``end`` as JSON lines, each with its hash."""
+    audit(request, admin, AuditAction.AUDIT_EXPORTED,
+          details={"start": start.isoformat() if start else None,
+                   "end": end.isoformat() if end else None})
+    return StreamingResponse(export(connection, start, end),
+                             media_type="application/x-ndjson")
