@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,24 @@ class UpProcess:
         return self.process.stop(timeout=60)
 
 
+# Distinctive patient data: none of it may reach a log file.
+PRIVATE = {"PatientName": "QZXWVU^KLMNOP", "PatientID": "PID-7Q3Z9X",
+           "PatientBirthDate": "19230417", "OtherPatientIDs": "OPID-44J2"}
+
+
+def distinctive_study(folder: Path) -> list[Path]:
+    from tests.studies import ct_studies
+
+    [paths] = ct_studies(folder.parent, 1, tag="private", **PRIVATE)
+    return paths
+
+
+def send(env: dict[str, str], files: list[Path]) -> None:
+    subprocess.run(["storescu", "-aec", "TRIAGE", "127.0.0.1", env["TRIAGE_ORTHANC_DICOM_PORT"],
+                    *map(str, files)], check=True, capture_output=True,
+                   env={**os.environ, "TCP_NODELAY": "1"})
+
+
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -83,18 +102,21 @@ def test_up_runs_samples_stops_cleanly_and_resumes(tmp_path: Path) -> None:
     env_a = stack_env(tmp_path / "a")
     env_b = stack_env(tmp_path / "b")
     first = UpProcess(env_a, tmp_path / "a.log", "--samples")
+    private = distinctive_study(tmp_path / "private")
     other = UpProcess(env_b, tmp_path / "b.log")
     pids: dict[str, int] = {}
     try:
         first.start()
         other.start()  # a second stack, side by side, with its own data and ports
-        items = first.wait_terminal(N_SAMPLES)
+        send(env_a, private)
+        items = first.wait_terminal(N_SAMPLES + 1)
         by_name = {i["patient_name"]: i for i in items}
         assert by_name["DEMO^HEADCT PHANTOM"]["priority"] == "critical"
         assert by_name["DEMO^HEADCT NORMAL"]["status"] == "analysed"
         assert by_name["DEMO^MR"]["status"] == "skipped"
         assert "MR" in by_name["DEMO^MR"]["status_reason"]
         assert items[0]["patient_name"] == "DEMO^HEADCT PHANTOM"
+        assert any(i["patient_id"] == PRIVATE["PatientID"] for i in items)
         assert other.worklist()["total"] == 0
         assert other.get("/healthz").json()["status"] == "ok"
         pids = first.pids()
@@ -104,12 +126,20 @@ def test_up_runs_samples_stops_cleanly_and_resumes(tmp_path: Path) -> None:
     assert codes == (0, 0)
     assert all(_gone(pid) for pid in pids.values())
     assert "stack stopped" in first.process.log_path.read_text()
+    # No log of the stack names the patient: not the name, the ID or the birth date.
+    logs = sorted((tmp_path / "a" / "logs").iterdir()) + [first.process.log_path]
+    assert len(logs) >= 6
+    for log in logs:
+        text = log.read_text(errors="replace")
+        for value in PRIVATE.values():
+            assert value not in text, f"{value} in {log.name}"
 
     again = UpProcess(env_a, tmp_path / "a2.log")
+    total = N_SAMPLES + 1
     try:
         again.start()
         resumed = again.worklist()
-        assert resumed["total"] == N_SAMPLES
+        assert resumed["total"] == total
         assert [i["study_instance_uid"] for i in resumed["items"]] == [
             i["study_instance_uid"] for i in items]
     finally:
