@@ -8,6 +8,7 @@ missing. Values follow the CT Image module (PS3.3 C.8.2.1) for ``hu`` and the Im
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -135,7 +136,7 @@ def _check_decodable(ds: Dataset) -> None:
             if keyword in ds:
                 raise InvalidInput(
                     "floating-point pixel data is not supported, only integer images "
-                    f"can be analysed ({keyword.replace('Pixel', ' Pixel')})"
+                    "can be analysed"
                 )
         raise InvalidInput("an image of the series has no pixel data")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
@@ -207,22 +208,45 @@ def _is_encapsulated(ds: Dataset) -> bool:
 
 
 def _check_fragments(ds: Dataset, data: bytes, frames: int) -> None:
+    cannot = f"cannot decode image pixel data ({_syntax_name(ds)})"
+    # The Basic Offset Table item comes first; the frames' fragments follow it.
+    view = memoryview(data)
+    if len(view) < 8 or bytes(view[:4]) != b"\xfe\xff\x00\xe0":
+        raise InvalidInput(f"{cannot}: it is not encapsulated as the transfer syntax requires")
+    view = view[8 + int.from_bytes(view[4:8], "little"):]
     try:
-        fragments, _ = parse_fragments(data)
+        fragments, offsets = parse_fragments(io.BytesIO(view))
     except Exception as exc:  # pydicom raises several types for malformed item headers
-        raise InvalidInput(f"compressed pixel data is malformed ({_syntax_name(ds)})") from exc
+        raise InvalidInput(f"{cannot}: its fragments are malformed") from exc
     if fragments < frames:
-        raise InvalidInput(
-            f"compressed pixel data holds {fragments} fragment(s) for {frames} frames "
-            f"({_syntax_name(ds)})"
-        )
+        raise InvalidInput(f"{cannot}: {fragments} compressed fragment(s) for {frames} frames")
+    # The first fragment starts after its 8-byte item header.
+    start = bytes(view[offsets[0] + 8 : offsets[0] + 20]) if offsets else b""
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    for prefix, signatures, kind in _SIGNATURES:
+        if syntax.startswith(prefix) and not any(start.startswith(s) for s in signatures):
+            raise InvalidInput(f"{cannot}: the compressed data is not a {kind} stream "
+                               "(its start marker is missing)")
+
+
+# Transfer syntax UID prefixes and how their compressed frames begin (SOC + SIZ markers or
+# the JP2 signature box for JPEG 2000, ISO/IEC 15444-1; SOI for JPEG and JPEG-LS).
+_SIGNATURES = (
+    ("1.2.840.10008.1.2.4.9", (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  "), "JPEG 2000"),
+    ("1.2.840.10008.1.2.4.20", (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  "),
+     "JPEG 2000"),
+    ("1.2.840.10008.1.2.4.5", (b"\xff\xd8",), "JPEG"),
+    ("1.2.840.10008.1.2.4.7", (b"\xff\xd8",), "JPEG"),
+    ("1.2.840.10008.1.2.4.8", (b"\xff\xd8",), "JPEG-LS"),
+)
 
 
 def _frames(ds: Dataset, rescale: Rescale) -> list[np.ndarray]:
     try:
         stored = ds.pixel_array
     except Exception as exc:  # pydicom raises many types; the reason is what the reader needs
-        raise InvalidInput(f"cannot decode image pixel data ({_syntax_name(ds)})") from exc
+        cause = ": the compressed data is corrupt or truncated" if _is_encapsulated(ds) else ""
+        raise InvalidInput(f"cannot decode image pixel data ({_syntax_name(ds)}){cause}") from exc
     frames = int(ds.get("NumberOfFrames") or 1)
     expected = 2 if frames == 1 else 3
     if stored.ndim != expected:
