@@ -315,6 +315,19 @@ def samples(directory: Path) -> None:
         click.echo(folder)
 
 
+@main.command()
+def reindex() -> None:
+    """Rebuild the worklist from Orthanc (its studies and the SRs the service wrote)."""
+    from triage.orthanc import OrthancClient
+    from triage.reindex import reindex as rebuild_worklist
+
+    configure_logging("reindex")
+    settings = Settings()
+    report = rebuild_worklist(settings, OrthancClient.from_settings(settings),
+                              redis.Redis.from_url(settings.redis_connection_url))
+    click.echo(report.summary())
+
+
 def _stop_on_signals(stop: threading.Event) -> None:
     import signal
 
