@@ -37,6 +37,7 @@ class AuditAction(str, Enum):
     TOKEN_CREATED = "token.created"
     TOKEN_REVOKED = "token.revoked"
     AUDIT_EXPORTED = "audit.exported"
+    WORKLIST_REBUILT = "admin.worklist_rebuilt"
 
 
 class AuditRecord(BaseModel):

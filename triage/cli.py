@@ -323,8 +323,9 @@ def reindex() -> None:
 
     configure_logging("reindex")
     settings = Settings()
-    report = rebuild_worklist(settings, OrthancClient.from_settings(settings),
-                              redis.Redis.from_url(settings.redis_connection_url))
+    connection = redis.Redis.from_url(settings.redis_connection_url)
+    report = rebuild_worklist(settings, OrthancClient.from_settings(settings), connection)
+    _audit_cli(connection, AuditAction.WORKLIST_REBUILT, {"summary": report.summary()})
     click.echo(report.summary())
 
 
