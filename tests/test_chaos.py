@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,12 @@ def test_nothing_lost_or_duplicated_under_chaos(clean_servers: Servers, tmp_path
                 return False
             return total == STUDIES and all(i.status.terminal for i in items)
 
-        servers.wait_until(all_terminal, timeout=240, what="every study terminal")
+        try:
+            servers.wait_until(all_terminal, timeout=240, what="every study terminal")
+        except AssertionError as exc:
+            items, total = worklist.page(1000)
+            states = Counter((i.status.value, i.status_reason) for i in items)
+            raise AssertionError(f"{exc}: {total} studies, {dict(states)}") from exc
     finally:
         for process in apps:
             process.stop()
@@ -115,8 +121,7 @@ def test_nothing_lost_or_duplicated_under_chaos(clean_servers: Servers, tmp_path
     assert total == STUDIES
     assert all(i.status.terminal for i in items)
     analysed = [i for i in items if i.status.value == "analysed"]
-    assert len(analysed) == STUDIES, [(i.status, i.status_reason) for i in items
-                                      if i not in analysed][:5]
+    assert len(analysed) == STUDIES, Counter((i.status.value, i.status_reason) for i in items)
     duplicates = [i.patient_id for i in analysed if len(our_srs(servers, i)) != 1]
     assert duplicates == []
     assert source_instances(servers) == STUDIES
