@@ -256,3 +256,25 @@ def test_orthanc_refuses_requests_without_credentials(clean_servers: Servers) ->
     assert httpx.get(f"{base}/studies", auth=("triage", "guess"), timeout=10).status_code == 401
     secrets_file = clean_servers.settings.data_dir / "secrets.json"
     assert secrets_file.stat().st_mode & 0o077 == 0
+
+
+def test_token_commands(clean_servers: Servers) -> None:
+    def triage(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "triage.cli", "token", *args],
+                              env={**os.environ, "USER": "it-admin"}, capture_output=True,
+                              text=True, timeout=60)
+
+    created = triage("create", "--role", "integration", "--owner", "ris-gateway", "--days", "7")
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    record_ = verify_token(clean_servers.redis, secret)
+    assert record_ is not None and record_.owner == "ris-gateway"
+    listed = triage("list").stdout
+    assert record_.id in listed and "ris-gateway" in listed and "valid" in listed
+    assert secret not in listed
+    revoked = triage("revoke", record_.id)
+    assert revoked.returncode == 0 and verify_token(clean_servers.redis, secret) is None
+    assert "revoked" in triage("list").stdout
+    assert triage("revoke", "no-such-id").returncode == 1
+    actions = [json.loads(r)["action"] for r in clean_servers.redis.lrange(AUDIT_KEY, 0, -1)]
+    assert actions == ["token.created", "token.revoked"]
