@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, HTTPException, Request, status
 
 from triage.api.deps import ReaderDep, RedisDep, SettingsDep, WorklistDep, audit
 from triage.audit import AuditAction
 from triage.settings import Settings
-from triage.tokens import Role
+from triage.tokens import Role, TokenRecord
 from triage.workflow import (
     ClaimConflict,
     InvalidFeedback,
@@ -41,6 +43,17 @@ def _translate(exc: Exception) -> HTTPException:
     return HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc))
 
 
+def _act(request: Request, user: TokenRecord, settings: Settings, action: AuditAction,
+         study_instance_uid: str, change: Callable[[], WorklistItem]) -> StudyDetail:
+    """Run one workflow change, translate its conflicts, audit it, answer the detail."""
+    try:
+        item = change()
+    except (StudyNotFound, ClaimConflict) as exc:
+        raise _translate(exc) from exc
+    audit(request, user, action, study_instance_uid=study_instance_uid)
+    return _detail(item, settings)
+
+
 @router.get("/{study_instance_uid}", response_model=StudyDetail)
 def study(study_instance_uid: str, request: Request, user: ReaderDep, worklist: WorklistDep,
           settings: SettingsDep) -> StudyDetail:
@@ -58,12 +71,9 @@ def study(study_instance_uid: str, request: Request, user: ReaderDep, worklist: 
 def claim_study(study_instance_uid: str, request: Request, user: ReaderDep,
                 worklist: WorklistDep, settings: SettingsDep) -> StudyDetail:
     """Take the study for ``TRIAGE_CLAIM_MINUTES``; claiming again extends one's own claim."""
-    try:
-        item = claim(worklist, study_instance_uid, user.owner, minutes=settings.claim_minutes)
-    except (StudyNotFound, ClaimConflict) as exc:
-        raise _translate(exc) from exc
-    audit(request, user, AuditAction.STUDY_CLAIMED, study_instance_uid=study_instance_uid)
-    return _detail(item, settings)
+    return _act(request, user, settings, AuditAction.STUDY_CLAIMED, study_instance_uid,
+                lambda: claim(worklist, study_instance_uid, user.owner,
+                              minutes=settings.claim_minutes))
 
 
 @router.post("/{study_instance_uid}/release", response_model=StudyDetail,
@@ -71,13 +81,9 @@ def claim_study(study_instance_uid: str, request: Request, user: ReaderDep,
 def release_study(study_instance_uid: str, request: Request, user: ReaderDep,
                   worklist: WorklistDep, settings: SettingsDep) -> StudyDetail:
     """End one's claim; an admin may end anyone's."""
-    try:
-        item = release(worklist, study_instance_uid, user.owner,
-                       force=user.role is Role.ADMIN)
-    except (StudyNotFound, ClaimConflict) as exc:
-        raise _translate(exc) from exc
-    audit(request, user, AuditAction.STUDY_RELEASED, study_instance_uid=study_instance_uid)
-    return _detail(item, settings)
+    return _act(request, user, settings, AuditAction.STUDY_RELEASED, study_instance_uid,
+                lambda: release(worklist, study_instance_uid, user.owner,
+                                force=user.role is Role.ADMIN))
 
 
 @router.post("/{study_instance_uid}/read", response_model=StudyDetail,
@@ -85,12 +91,8 @@ def release_study(study_instance_uid: str, request: Request, user: ReaderDep,
 def read_study(study_instance_uid: str, request: Request, user: ReaderDep,
                worklist: WorklistDep, settings: SettingsDep) -> StudyDetail:
     """Mark the study read by the caller."""
-    try:
-        item = mark_read(worklist, study_instance_uid, user.owner)
-    except (StudyNotFound, ClaimConflict) as exc:
-        raise _translate(exc) from exc
-    audit(request, user, AuditAction.STUDY_READ, study_instance_uid=study_instance_uid)
-    return _detail(item, settings)
+    return _act(request, user, settings, AuditAction.STUDY_READ, study_instance_uid,
+                lambda: mark_read(worklist, study_instance_uid, user.owner))
 
 
 @router.post("/{study_instance_uid}/feedback", response_model=FeedbackRecord,
