@@ -175,3 +175,26 @@ def _reachable(servers: Servers) -> bool:
     except TransientError:
         return False
     return True
+
+
+def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_queued_again(
+        clean_servers: Servers, tmp_path: Path) -> None:
+    """Workers take jobs from several queues with BLPOP: one killed right after leaves the
+    job on no queue and in no registry. The study must not wait forever."""
+    from triage.queues import queues
+    from triage.recovery import recover_abandoned
+
+    servers = clean_servers
+    storescu(servers.settings, write_study(tmp_path / "s", "head-ct-normal"))
+    watch_until(servers, Watcher(servers.settings, servers.orthanc, servers.redis), 1)
+    [item] = Worklist(servers.redis).page()[0]
+    default = queues(servers.redis)[1]
+    assert servers.redis.lrem(default.key, 0, item.job_id) == 1  # what the BLPOP did
+    assert recover_abandoned(servers.redis, stranded_after=1) == []  # first sighting
+    time.sleep(1.2)
+    assert recover_abandoned(servers.redis, stranded_after=1) == [item.job_id]
+    assert default.count == 1
+    assert recover_abandoned(servers.redis, stranded_after=1) == []  # queued again: found
+    run_worker(burst=True)
+    done = Worklist(servers.redis).get(item.study_instance_uid)
+    assert done is not None and done.status is StudyStatus.ANALYSED

@@ -14,10 +14,9 @@ import threading
 
 import redis
 from rq.exceptions import NoSuchJobError
-from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job, JobStatus
 from rq.queue import Queue
-from rq.registry import StartedJobRegistry
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
 from triage.logs import pseudonym
 from triage.queues import queues
@@ -27,8 +26,8 @@ log = logging.getLogger(__name__)
 
 ALIVE_TTL_SECONDS = 15
 HEARTBEAT_SECONDS = 5
-# A job taken off a queue but not yet registered as started belongs to nobody for a moment;
-# only one still unclaimed this long after it was first seen is stranded.
+# A job taken off a queue but not yet registered as started is nowhere for a moment; only
+# one still nowhere this long after it was first seen is stranded.
 STRANDED_AFTER_SECONDS = 30
 
 
@@ -63,14 +62,15 @@ class Heartbeat:
         self.connection.delete(self.key)
 
 
-def recover_abandoned(connection: redis.Redis) -> list[str]:
-    """Queue again every job whose worker is no longer alive; returns their ids."""
+def recover_abandoned(connection: redis.Redis, *,
+                      stranded_after: int = STRANDED_AFTER_SECONDS) -> list[str]:
+    """Queue again every job whose worker is no longer alive, and every job that a worker
+    took off its queue and died before starting; returns their ids."""
     recovered = []
     worklist = Worklist(connection)
     for queue in queues(connection):
         registry = StartedJobRegistry(queue=queue)
-        started = registry.get_job_ids(cleanup=False)
-        for job_id in started:
+        for job_id in registry.get_job_ids(cleanup=False):
             job = _fetch(connection, job_id)
             if job is None or job.get_status(refresh=False) != JobStatus.STARTED:
                 continue
@@ -78,21 +78,49 @@ def recover_abandoned(connection: redis.Redis) -> list[str]:
                 continue
             registry.remove_executions(job)
             recovered.append(_requeue(queue, job, worklist))
-        intermediate = IntermediateQueue(queue.key, connection=connection)
-        for job_id in intermediate.get_job_ids():
-            if job_id in started:
-                continue
-            seen = f"triage:stranded:{job_id}"
-            if connection.set(seen, "1", nx=True, ex=STRANDED_AFTER_SECONDS * 4):
-                continue  # first sighting: it may be on its way to the started registry
-            if connection.ttl(seen) > STRANDED_AFTER_SECONDS * 3:
-                continue
-            job = _fetch(connection, job_id)
-            intermediate.remove(job_id)
-            if job is not None and job.get_status(refresh=False) in (JobStatus.QUEUED,
-                                                                    JobStatus.STARTED):
-                recovered.append(_requeue(queue, job, worklist))
+    recovered += _recover_popped(connection, worklist, stranded_after)
     return recovered
+
+
+def _recover_popped(connection: redis.Redis, worklist: Worklist,
+                    stranded_after: int) -> list[str]:
+    """Jobs of studies still waiting on the worklist that are on no queue and in no registry.
+
+    A worker serving several queues takes a job with BLPOP; killed before it registers the
+    job as started, it leaves the job nowhere. Such a job is queued again once it has been
+    seen nowhere twice, ``stranded_after`` seconds apart.
+    """
+    recovered = []
+    by_name = {q.name: q for q in queues(connection)}
+    for status in (StudyStatus.QUEUED, StudyStatus.ANALYSING):
+        for item in worklist.with_facet(f"status:{status.value}"):
+            job = _fetch(connection, item.job_id) if item.job_id else None
+            if job is None or job.get_status(refresh=False) not in (JobStatus.QUEUED,
+                                                                    JobStatus.STARTED):
+                continue
+            queue = by_name.get(job.origin)
+            if queue is None or _somewhere(connection, queue, job):
+                connection.delete(_missing_key(job.id))
+                continue
+            marker = _missing_key(job.id)
+            if connection.set(marker, "1", nx=True, ex=stranded_after * 4):
+                continue  # first sighting: it may be between two places right now
+            if connection.ttl(marker) > stranded_after * 3:
+                continue
+            connection.delete(marker)
+            recovered.append(_requeue(queue, job, worklist))
+    return recovered
+
+
+def _somewhere(connection: redis.Redis, queue: Queue, job: Job) -> bool:
+    if connection.lpos(queue.key, job.id) is not None:
+        return True
+    return any(job.id in registry for registry in (
+        StartedJobRegistry(queue=queue), ScheduledJobRegistry(queue=queue)))
+
+
+def _missing_key(job_id: str) -> str:
+    return f"triage:missing-job:{job_id}"
 
 
 def _fetch(connection: redis.Redis, job_id: str) -> Job | None:
