@@ -40,7 +40,7 @@ def _translate(exc: Exception) -> HTTPException:
         return HTTPException(status.HTTP_404_NOT_FOUND, "study not on the worklist")
     if isinstance(exc, ClaimConflict):
         return HTTPException(status.HTTP_409_CONFLICT, str(exc))
-    return HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc))
+    return HTTPException(422, str(exc))  # unprocessable content
 
 
 def _act(request: Request, user: TokenRecord, settings: Settings, action: AuditAction,
