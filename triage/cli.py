@@ -198,6 +198,48 @@ def token_revoke(token_id: str) -> None:
     click.echo(f"revoked {revoked.id} ({revoked.owner}, {revoked.role.value})")
 
 
+@main.group()
+def destinations() -> None:
+    """DICOM destinations (the PACS) that receive the results."""
+
+
+@destinations.command("list")
+def destinations_list() -> None:
+    """The configured destinations and webhooks."""
+    settings = Settings()
+    for d in settings.destinations:
+        click.echo(f"{d.name}  {d.aet}@{d.host}:{d.port}  send {d.send}"
+                   f"{'  with key images' if d.key_images else ''}")
+    for w in settings.webhooks:
+        click.echo(f"{w.name}  webhook on {w.on}")
+    if not settings.destinations and not settings.webhooks:
+        click.echo("no destinations (set TRIAGE_DESTINATIONS and TRIAGE_WEBHOOKS)")
+
+
+@destinations.command("test")
+@click.argument("name")
+def destinations_test(name: str) -> None:
+    """C-ECHO destination NAME through Orthanc."""
+    from triage.errors import TriageError
+    from triage.orthanc import OrthancClient
+
+    settings = Settings()
+    destination = next((d for d in settings.destinations if d.name == name), None)
+    if destination is None:
+        raise click.ClickException(f"no destination {name} is configured")
+    orthanc = OrthancClient.from_settings(settings)
+    try:
+        orthanc.register_modality(destination.name, destination.aet, destination.host,
+                                  destination.port)
+        orthanc.echo(destination.name)
+    except TriageError as exc:
+        raise click.ClickException(
+            f"{name} ({destination.aet}@{destination.host}:{destination.port}) did not "
+            f"answer C-ECHO: {exc}") from exc
+    click.echo(f"{name} ({destination.aet}@{destination.host}:{destination.port}) "
+               "answered C-ECHO")
+
+
 @main.group("audit")
 def audit_group() -> None:
     """The audit trail."""

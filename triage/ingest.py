@@ -14,7 +14,7 @@ from typing import Any
 
 from triage.orthanc import OrthancClient, orthanc_time
 from triage.selection import SeriesInfo, series_info
-from triage.uids import fingerprint, sr_series_uid
+from triage.uids import fingerprint, key_image_series_uid, sr_series_uid
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,16 @@ def snapshot_study(orthanc: OrthancClient, orthanc_id: str, *, details: bool = F
     patient = study.get("PatientMainDicomTags", {})
     study_uid = tags.get("StudyInstanceUID", "")
     own_series = str(sr_series_uid(study_uid))
+    # The key images the service stores are its own output too, never analysis input.
+    key_images = str(key_image_series_uid(study_uid))
     series = []
     own_sr_ids: list[str] = []
     for raw in orthanc.study_series(orthanc_id):
-        if raw.get("MainDicomTags", {}).get("SeriesInstanceUID") == own_series:
+        series_uid = raw.get("MainDicomTags", {}).get("SeriesInstanceUID")
+        if series_uid == own_series:
             own_sr_ids += raw.get("Instances", [])
+            continue
+        if series_uid == key_images:
             continue
         first_tags = None
         if details and raw.get("Instances"):

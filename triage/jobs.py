@@ -20,11 +20,12 @@ import pydicom
 import redis
 from rq import get_current_job
 
-from triage import audit
+from triage import audit, delivery
 from triage.errors import InvalidInput, OutOfScope, PermanentError, TransientError
 from triage.findings import ModelResult
 from triage.inference import run_model
 from triage.ingest import SourceSeries, StudySnapshot, snapshot_study
+from triage.keyimage import build_key_image
 from triage.logs import pseudonym
 from triage.orthanc import OrthancClient
 from triage.priority import highest
@@ -168,8 +169,28 @@ def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str,
     pydicom.dcmwrite(buffer, report, enforce_file_format=True)
     ctx.orthanc.store(buffer.getvalue())
     report_seconds = time.perf_counter() - started
-    _record_results(ctx, snapshot, results, str(report.SOPInstanceUID), report_seconds)
+    sr_uid = str(report.SOPInstanceUID)
+    _record_results(ctx, snapshot, results, sr_uid, report_seconds)
+    if any(d.key_images for d in ctx.settings.destinations):
+        _store_key_image(ctx, results, evidence, sr_uid)
+    item = ctx.worklist.get(study_uid)
+    if item is not None and item.inputs == inputs:
+        delivery.schedule(ctx.redis, ctx.settings, item)
     return StudyStatus.ANALYSED
+
+
+def _store_key_image(ctx: WorkerContext, results: Sequence[ModelResult],
+                     evidence: dict[str, pydicom.Dataset], sr_uid: str) -> None:
+    """Store the burned-in key image of the strongest positive finding, if there is one."""
+    positive = [(f, r.model) for r in results for f in r.findings if f.positive]
+    if not positive:
+        return
+    finding, model = max(positive, key=lambda p: (-(p[0].priority.rank if p[0].priority
+                                                     else 9), p[0].probability))
+    image = build_key_image(evidence[finding.key_sop_instance_uid], finding, model, sr_uid)
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, image, enforce_file_format=True)
+    ctx.orthanc.store(buffer.getvalue())
 
 
 def _check_size(ctx: WorkerContext, snapshot: StudySnapshot) -> None:

@@ -154,6 +154,30 @@ class OrthancClient:
                           self._api.get_instances_id_metadata, instance_id,
                           params={"expand": ""})
 
+    def lookup_instance(self, sop_instance_uid: str) -> str | None:
+        """Orthanc id of the instance with this SOP Instance UID, if Orthanc has it."""
+        found = self._call("lookup", self._api.post_tools_lookup, sop_instance_uid)
+        ids = [r["ID"] for r in found if r["Type"] == "Instance"]
+        return ids[0] if ids else None
+
+    # -- DICOM destinations -------------------------------------------------------------
+
+    def register_modality(self, name: str, aet: str, host: str, port: int) -> None:
+        """Declare (or update) a DICOM node Orthanc may send to."""
+        self._call(f"PUT /modalities/{name}", self._api.put_modalities_id, name,
+                   json={"AET": aet, "Host": host, "Port": port})
+
+    def echo(self, name: str, timeout: int = 10) -> None:
+        """C-ECHO the node; raises TransientError when it does not answer."""
+        self._call(f"C-ECHO to {name}", self._api.post_modalities_id_echo, name,
+                   json={"Timeout": timeout})
+
+    def send(self, name: str, instance_ids: list[str], timeout: int = 60) -> dict[str, Any]:
+        """C-STORE instances to a node through an Orthanc store job (synchronous)."""
+        return self._call(f"C-STORE to {name}", self._api.post_modalities_id_store, name,
+                          json={"Resources": instance_ids, "Synchronous": True,
+                                "Timeout": timeout})
+
     def lookup_study(self, study_instance_uid: str) -> str | None:
         """Orthanc id of the study with this Study Instance UID, if Orthanc has it."""
         found = self._call("lookup", self._api.post_tools_lookup, study_instance_uid)

@@ -13,9 +13,10 @@ import os
 import secrets
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 from urllib.parse import quote
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Where a checkout keeps its model packages and the Orthanc configuration template.
@@ -25,6 +26,26 @@ DEFAULT_STABLE_AGE = 5
 DEFAULT_WORKERS = 2
 SECRETS_FILE = "secrets.json"
 _PLACEHOLDERS = {"", "changeme", "change-me", "password", "secret", "orthanc"}
+
+
+class Destination(BaseModel):
+    """A DICOM node (the hospital PACS) that receives the results."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    aet: str = Field(min_length=1, max_length=16)
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    send: Literal["all", "positive", "critical"] = "all"
+    key_images: bool = Field(default=False, description="also send a burned-in key image")
+
+
+class Webhook(BaseModel):
+    """An HTTP endpoint (paging, RIS, messaging) notified of results."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    url: str = Field(pattern=r"^https?://")
+    on: Literal["critical", "urgent", "positive"] = "critical"
+    timeout_seconds: float = Field(default=10.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -103,6 +124,17 @@ class Settings(BaseSettings):
     auth_failures_per_minute: int = Field(
         default=20, ge=1, description="Failed authentications from one address before 429"
     )
+    destinations: list[Destination] = Field(
+        default_factory=list, description="JSON list of DICOM destinations (see README)"
+    )
+    webhooks: list[Webhook] = Field(
+        default_factory=list, description="JSON list of webhooks notified of results"
+    )
+    delivery_retry_seconds: list[int] = Field(
+        default=[10, 30, 60, 120, 300, 600],
+        description="Waits between delivery attempts; the last repeats")
+    delivery_retries: int = Field(
+        default=24, ge=0, description="Attempts after the first (24: a bit over 3 hours)")
     development: bool = Field(
         default=True, description="Allows generated secrets; hospitals set it to false"
     )

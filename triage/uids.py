@@ -33,6 +33,11 @@ def sr_series_uid(study_instance_uid: str) -> UID:
     return derived_uid("sr-series", study_instance_uid)
 
 
+def key_image_series_uid(study_instance_uid: str) -> UID:
+    """The series that holds the burned-in key images the service writes into a study."""
+    return derived_uid("key-image-series", study_instance_uid)
+
+
 def sr_instance_uid(study_instance_uid: str, model_keys: Iterable[str], inputs: str) -> UID:
     """The SR of one analysis: study, the models (``id@version``) and the input fingerprint."""
     return derived_uid("sr", study_instance_uid, *sorted(model_keys), inputs)

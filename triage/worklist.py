@@ -80,6 +80,24 @@ class FeedbackRecord(Feedback):
     at: datetime
 
 
+class DeliveryStatus(str, Enum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class DeliveryItem(BaseModel):
+    """Where one result went: a DICOM destination or a webhook, and how it went."""
+
+    target: str
+    kind: str = Field(description="dicom or webhook")
+    sr_sop_instance_uid: str
+    status: DeliveryStatus = DeliveryStatus.PENDING
+    attempts: int = 0
+    last_error: str = ""
+    delivered_at: datetime | None = None
+
+
 class SeriesItem(BaseModel):
     series_instance_uid: str
     modality: str = ""
@@ -130,6 +148,7 @@ class WorklistItem(BaseModel):
     read_by: str | None = None
     read_at: datetime | None = None
     feedback: list[FeedbackRecord] = Field(default_factory=list)
+    deliveries: list[DeliveryItem] = Field(default_factory=list)
     series: list[SeriesItem] = Field(default_factory=list)
     results: list[ResultItem] = Field(default_factory=list)
 
@@ -149,6 +168,7 @@ class WorklistItem(BaseModel):
         facets.add("read" if self.read_at else "unread")
         if self.accession_number:
             facets.add(f"accession:{self.accession_number}")
+        facets |= {f"delivery:{d.status.value}" for d in self.deliveries}
         return facets
 
 

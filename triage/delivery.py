@@ -1,0 +1,209 @@
+"""Sending results back to the hospital: the SR (and an optional key image) to the PACS
+through Orthanc's C-STORE jobs, and notifications of critical results to webhooks.
+
+Every delivery is an RQ job of its own with a deterministic id per (result, target), retried
+with backoff for hours, so a PACS that is down for an hour receives everything when it comes
+back. Its state (pending, delivered, failed with the error) is kept on the worklist item,
+and a target that acknowledged a result is never sent it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import redis
+from rq import Queue, Retry, get_current_job
+
+from triage.errors import PermanentError, TransientError
+from triage.logs import pseudonym
+from triage.priority import PriorityClass
+from triage.queues import QueueName
+from triage.settings import Destination, Settings, Webhook
+from triage.worklist import (
+    DeliveryItem,
+    DeliveryStatus,
+    Worklist,
+    WorklistItem,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _wanted(rule: str, item: WorklistItem) -> bool:
+    positive = any(f.positive for f in item.findings)
+    if rule == "all":
+        return True
+    if rule == "positive":
+        return positive
+    if rule == "urgent":
+        return positive and item.priority is not PriorityClass.ROUTINE
+    return positive and item.priority is PriorityClass.CRITICAL  # "critical"
+
+
+def delivery_job_id(kind: str, target: str, sr_uid: str) -> str:
+    return f"deliver-{kind}-{target}-{hashlib.sha256(sr_uid.encode()).hexdigest()[:20]}"
+
+
+def schedule(connection: redis.Redis, settings: Settings, item: WorklistItem) -> list[str]:
+    """Queue a delivery of the item's latest SR to every target whose rule it meets."""
+    if not item.sr_sop_instance_uid:
+        return []
+    sr_uid = item.sr_sop_instance_uid
+    targets: list[tuple[str, str, str]] = [
+        ("dicom", d.name, "triage.delivery.deliver_dicom")
+        for d in settings.destinations if _wanted(d.send, item)]
+    targets += [("webhook", w.name, "triage.delivery.deliver_webhook")
+                for w in settings.webhooks if _wanted(w.on, item)]
+    queue = Queue(QueueName.URGENT.value if item.priority is not PriorityClass.ROUTINE
+                  else QueueName.DEFAULT.value, connection=connection)
+    scheduled = []
+    for kind, target, function in targets:
+        if _state(item, target, sr_uid) is not None:
+            continue  # already planned or done for this result
+        _set_state(connection, item.study_instance_uid, target, sr_uid,
+                   lambda d: d, kind=kind)
+        job = queue.enqueue(function, item.study_instance_uid, sr_uid, target,
+                            job_id=delivery_job_id(kind, target, sr_uid),
+                            retry=Retry(max=settings.delivery_retries,
+                                        interval=settings.delivery_retry_seconds)
+                            if settings.delivery_retries else None,
+                            failure_ttl=14 * 24 * 3600, result_ttl=24 * 3600,
+                            description=f"deliver result to {target}")
+        scheduled.append(job.id)
+    return scheduled
+
+
+def _state(item: WorklistItem, target: str, sr_uid: str) -> DeliveryItem | None:
+    for delivery in item.deliveries:
+        if delivery.target == target and delivery.sr_sop_instance_uid == sr_uid:
+            return delivery
+    return None
+
+
+def _set_state(connection: redis.Redis, study_uid: str, target: str, sr_uid: str,
+               change: Callable[[DeliveryItem], DeliveryItem], *, kind: str = "dicom"
+               ) -> None:
+    def update(item: WorklistItem) -> WorklistItem:
+        current = _state(item, target, sr_uid) or DeliveryItem(
+            target=target, kind=kind, sr_sop_instance_uid=sr_uid)
+        others = [d for d in item.deliveries if d is not current]
+        return item.model_copy(update={"deliveries": [*others, change(current)]})
+
+    Worklist(connection).update(study_uid, update, event="delivery")
+
+
+def _attempt(study_uid: str, sr_uid: str, target: str, send: Callable[[], None]) -> str:
+    """Run one delivery attempt and record its outcome on the worklist item."""
+    from triage.jobs import context
+
+    ctx = context()
+    item = ctx.worklist.get(study_uid)
+    state = _state(item, target, sr_uid) if item else None
+    if state is not None and state.status is DeliveryStatus.DELIVERED:
+        return "already delivered"
+    try:
+        send()
+    except (TransientError, PermanentError) as exc:
+        job = get_current_job()
+        final = isinstance(exc, PermanentError) or job is None or not job.should_retry
+        status = DeliveryStatus.FAILED if final else DeliveryStatus.PENDING
+        error = str(exc)
+        _set_state(ctx.redis, study_uid, target, sr_uid, lambda d: d.model_copy(update={
+            "status": status, "attempts": d.attempts + 1, "last_error": error}))
+        log.warning("study %s: delivery to %s failed (%s)", pseudonym(study_uid), target, exc)
+        if isinstance(exc, PermanentError) and job is not None:
+            job.retries_left = 0
+        raise
+    _set_state(ctx.redis, study_uid, target, sr_uid, lambda d: d.model_copy(update={
+        "status": DeliveryStatus.DELIVERED, "attempts": d.attempts + 1, "last_error": "",
+        "delivered_at": utcnow()}))
+    log.info("study %s: result delivered to %s", pseudonym(study_uid), target)
+    return "delivered"
+
+
+def deliver_dicom(study_uid: str, sr_uid: str, destination_name: str) -> str:
+    """RQ job: C-STORE the SR (and key images, if enabled) to a DICOM destination."""
+    from triage.jobs import context
+
+    ctx = context()
+    destination = _destination(ctx.settings, destination_name)
+
+    def send() -> None:
+        sr_id = ctx.orthanc.lookup_instance(sr_uid)
+        if sr_id is None:
+            raise PermanentError(f"SR {sr_uid} is no longer in Orthanc")
+        ids = [sr_id]
+        if destination.key_images:
+            ids += _key_image_ids(ctx, study_uid, sr_uid)
+        ctx.orthanc.register_modality(destination.name, destination.aet, destination.host,
+                                      destination.port)
+        ctx.orthanc.send(destination.name, ids)
+
+    return _attempt(study_uid, sr_uid, destination_name, send)
+
+
+def _key_image_ids(ctx: Any, study_uid: str, sr_uid: str) -> list[str]:
+    from triage.keyimage import key_image_uid
+
+    instance = ctx.orthanc.lookup_instance(str(key_image_uid(sr_uid)))
+    return [instance] if instance else []
+
+
+def deliver_webhook(study_uid: str, sr_uid: str, webhook_name: str) -> str:
+    """RQ job: POST a notification of the result to a webhook (no patient data)."""
+    from triage.jobs import context
+
+    ctx = context()
+    webhook = _webhook(ctx.settings, webhook_name)
+
+    def send() -> None:
+        item = ctx.worklist.get(study_uid)
+        if item is None:
+            raise PermanentError("study no longer on the worklist")
+        try:
+            response = httpx.post(webhook.url, json=notification(ctx.settings, item),
+                                  timeout=webhook.timeout_seconds)
+        except httpx.TransportError as exc:
+            raise TransientError(f"{webhook.name} unreachable: {type(exc).__name__}") from exc
+        if response.status_code >= 500 or response.status_code in (408, 429):
+            raise TransientError(f"{webhook.name} answered {response.status_code}")
+        if response.status_code >= 400:
+            raise PermanentError(f"{webhook.name} refused the notification "
+                                 f"({response.status_code})")
+
+    return _attempt(study_uid, sr_uid, webhook_name, send)
+
+
+def notification(settings: Settings, item: WorklistItem) -> dict[str, Any]:
+    """The webhook message: what to look at and how urgent, without the patient."""
+    positive = [f for f in item.findings if f.positive]
+    return {
+        "event": "ai-result",
+        "study_key": pseudonym(item.study_instance_uid),
+        "accession_number": item.accession_number,
+        "priority": item.priority.value,
+        "findings": [{"code": f.code, "scheme": f.scheme, "meaning": f.meaning,
+                      "probability": round(f.probability, 4), "model": f.model,
+                      "model_version": f.model_version} for f in positive],
+        "link": f"{settings.api_base_url}/api/v1/studies/{item.study_instance_uid}",
+        "verified": False,
+    }
+
+
+def _destination(settings: Settings, name: str) -> Destination:
+    for destination in settings.destinations:
+        if destination.name == name:
+            return destination
+    raise PermanentError(f"no destination {name} is configured")
+
+
+def _webhook(settings: Settings, name: str) -> Webhook:
+    for webhook in settings.webhooks:
+        if webhook.name == name:
+            return webhook
+    raise PermanentError(f"no webhook {name} is configured")

@@ -1,0 +1,82 @@
+"""The key image: a Secondary Capture of the slice with the strongest evidence, with the
+finding and "AI result, unverified" burned in, for PACS viewers without SR support.
+
+The text is drawn in a black band added above the image, so it never covers anatomy. The
+image goes in a new series of the same study; its UIDs derive from the SR it illustrates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+from highdicom.sc import SCImage
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.uid import UID
+
+from triage.findings import Finding, ModelIdentity
+from triage.uids import derived_uid, key_image_series_uid
+
+SERIES_NUMBER = 7101
+BAND_HEIGHT = 56
+# CT is shown in a brain window; other images from their own 1st to 99th percentile.
+CT_WINDOW = (40.0, 80.0)
+
+
+def key_image_uid(sr_uid: str) -> UID:
+    return derived_uid("key-image", sr_uid)
+
+
+def build_key_image(source: pydicom.Dataset, finding: Finding, model: ModelIdentity,
+                    sr_uid: str) -> SCImage:
+    """A Secondary Capture of ``source`` (the key slice) with the finding burned in."""
+    lines = ["AI RESULT - UNVERIFIED - NOT A DIAGNOSIS",
+             f"{finding.concept.meaning}: p={finding.probability:.2f} "
+             f"({model.name} {model.version})"]
+    pixels = _with_text(_display(source), lines)
+    image = SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation="MONOCHROME2",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=key_image_series_uid(str(source.StudyInstanceUID)),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=key_image_uid(sr_uid),
+        instance_number=1,
+        manufacturer="Triage",
+        patient_orientation=("L", "P"),
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+    )
+    image.BurnedInAnnotation = "YES"
+    # General Series Laterality (Type 2C): present and empty, the anatomy is not paired.
+    image.Laterality = ""
+    image.SeriesDescription = "AI key image (unverified)"
+    image.ImageComments = "AI result, unverified: " + lines[1]
+    return image
+
+
+def _display(source: pydicom.Dataset) -> np.ndarray:
+    """The slice as 8-bit greyscale, brighter meaning denser."""
+    values = source.pixel_array.astype(np.float32)
+    values = values * float(source.get("RescaleSlope", 1) or 1) + float(
+        source.get("RescaleIntercept", 0) or 0)
+    if str(source.get("Modality", "")).upper() == "CT":
+        centre, width = CT_WINDOW
+        low, high = centre - width / 2, centre + width / 2
+    else:
+        low, high = (float(v) for v in np.percentile(values, [1, 99]))
+        if str(source.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+            values = high + low - values
+    scaled = (np.clip(values, low, high) - low) / max(high - low, 1e-6) * 255
+    return scaled.astype(np.uint8)
+
+
+def _with_text(image: np.ndarray, lines: list[str]) -> np.ndarray:
+    """``image`` below a black band holding ``lines`` in white."""
+    band = Image.new("L", (image.shape[1], BAND_HEIGHT), 0)
+    draw = ImageDraw.Draw(band)
+    size = max(10, min(18, image.shape[1] // 40))
+    font = ImageFont.load_default(size=size)
+    for n, line in enumerate(lines):
+        draw.text((6, 6 + n * (size + 6)), line, fill=255, font=font)
+    return np.vstack([np.asarray(band, dtype=np.uint8), image])
