@@ -172,3 +172,36 @@ def test_destination_echo_command(pacs, clean_servers: Servers) -> None:
     up = echo()
     assert up.returncode == 0, up.stderr
     assert "answered C-ECHO" in up.stdout
+
+
+def test_failed_deliveries_are_listed_and_retried_by_an_admin(
+        pacs, clean_servers: Servers, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from tests.test_api import auth
+    from triage.api.app import create_app
+    from triage.tokens import Role
+
+    receiver, _pager = pacs
+    servers = clean_servers
+    os.environ["TRIAGE_DELIVERY_RETRIES"] = "0"  # fail at the first refusal
+    jobs.context.cache_clear()
+    try:
+        storescu(servers.settings, write_study(tmp_path / "n", "head-ct-normal"))
+        watch_until(servers, Watcher(servers.settings, servers.orthanc, servers.redis), 1)
+        run_worker(burst=True)
+        client = TestClient(create_app(jobs.context().settings))
+        admin = auth(servers, Role.ADMIN)
+        [failed] = client.get("/api/v1/admin/deliveries", headers=admin).json()
+        assert failed["delivery"]["status"] == "failed"
+        assert "C-STORE" in failed["delivery"]["last_error"]
+        receiver.process.start()
+        retried = client.post("/api/v1/admin/deliveries/retry", headers=admin).json()
+        assert len(retried["requeued"]) == 1
+        run_worker(burst=True)
+    finally:
+        del os.environ["TRIAGE_DELIVERY_RETRIES"]
+    assert client.get("/api/v1/admin/deliveries", headers=admin).json() == []
+    [item] = Worklist(servers.redis).page()[0]
+    assert item.deliveries[0].status is DeliveryStatus.DELIVERED
+    assert [str(ds.SOPInstanceUID) for ds in receiver.received()] == [item.sr_sop_instance_uid]

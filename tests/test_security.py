@@ -52,6 +52,8 @@ POLICY: dict[str, set[Role] | None] = {
     "/api/v1/admin/tokens/{token_id}": ADMINS,
     "/api/v1/admin/models": ADMINS,
     "/api/v1/admin/audit": ADMINS,
+    "/api/v1/admin/deliveries": ADMINS,
+    "/api/v1/admin/deliveries/retry": ADMINS,
 }
 BODIES = {
     "/api/v1/studies/{study_instance_uid}/feedback": {"findings": [], "outcomes": {}},

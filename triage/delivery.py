@@ -207,3 +207,31 @@ def _webhook(settings: Settings, name: str) -> Webhook:
         if webhook.name == name:
             return webhook
     raise PermanentError(f"no webhook {name} is configured")
+
+
+def undelivered(connection: redis.Redis) -> list[tuple[WorklistItem, DeliveryItem]]:
+    """Every delivery not (yet) acknowledged, with its study: failed first."""
+    worklist = Worklist(connection)
+    found = []
+    for status in (DeliveryStatus.FAILED, DeliveryStatus.PENDING):
+        for item in worklist.with_facet(f"delivery:{status.value}"):
+            found += [(item, d) for d in item.deliveries if d.status is status]
+    return found
+
+
+def retry_failed(connection: redis.Redis) -> list[str]:
+    """Put every failed delivery back on its queue; returns the job ids."""
+    retried = []
+    for item, failed in undelivered(connection):
+        if failed.status is not DeliveryStatus.FAILED:
+            continue
+        job_id = delivery_job_id(failed.kind, failed.target, failed.sr_sop_instance_uid)
+        for queue in (Queue(q.value, connection=connection) for q in QueueName):
+            if job_id in queue.failed_job_registry:
+                queue.failed_job_registry.requeue(job_id)
+                _set_state(connection, item.study_instance_uid, failed.target,
+                           failed.sr_sop_instance_uid,
+                           lambda d: d.model_copy(update={"status": DeliveryStatus.PENDING}))
+                retried.append(job_id)
+                break
+    return retried

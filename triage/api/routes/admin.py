@@ -21,6 +21,7 @@ from triage.admin import (
 )
 from triage.api.deps import AdminDep, RedisDep, SettingsDep, audit
 from triage.audit import AuditAction, export
+from triage.delivery import retry_failed, undelivered
 from triage.registry import ModelRegistry
 from triage.tokens import (
     DEFAULT_TOKEN_DAYS,
@@ -32,6 +33,7 @@ from triage.tokens import (
     revoke_token,
     verify_token,
 )
+from triage.worklist import DeliveryItem
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 
@@ -150,3 +152,26 @@ def get_audit(request: Request, admin: AdminDep, connection: RedisDep,
                    "end": end.isoformat() if end else None})
     return StreamingResponse(export(connection, start, end),
                              media_type="application/x-ndjson")
+
+
+class DeliveryState(BaseModel):
+    study_instance_uid: str
+    accession_number: str
+    delivery: DeliveryItem
+
+
+@router.get("/deliveries", response_model=list[DeliveryState])
+def get_deliveries(_admin: AdminDep, connection: RedisDep) -> list[DeliveryState]:
+    """Results not yet acknowledged by their DICOM destination or webhook: failed, then
+    pending (being retried), with the last error."""
+    return [DeliveryState(study_instance_uid=item.study_instance_uid,
+                          accession_number=item.accession_number, delivery=d)
+            for item, d in undelivered(connection)]
+
+
+@router.post("/deliveries/retry", response_model=Requeued)
+def retry_deliveries(request: Request, admin: AdminDep, connection: RedisDep) -> Requeued:
+    """Send every failed delivery again."""
+    retried = retry_failed(connection)
+    audit(request, admin, AuditAction.JOB_REQUEUED, details={"deliveries": retried})
+    return Requeued(requeued=retried)
