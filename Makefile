@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@./deploy/install-debian-packages.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,build]'
+	$(BIN)/python -m pip install -q -e '.[test,build,bench]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -26,6 +26,11 @@ demo: deps
 
 test: deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Performance against the targets in BENCHMARKS.md (about 15 minutes on 2 cores);
+# writes bench/results/latest.json, summary.md and plots.
+bench: deps
+	$(BIN)/python -m bench.run
 
 lint: deps
 	$(BIN)/ruff check triage tests models

@@ -1,0 +1,179 @@
+"""The Markdown summary and the PNG plots of a benchmark run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
+
+from bench.measure import TTN_PARTS  # noqa: E402
+
+
+def _ok(met: bool | None) -> str:
+    return "n/a" if met is None else ("**met**" if met else "**not met**")
+
+
+def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(what, target, measured, verdict) per target."""
+    s = results["sections"]
+    ttn = s["ttn"]
+    age = ttn["stable_age"]
+    rows = []
+    for name, label in (("radiograph", "TTN p95, radiograph (CR, 1 image)"),
+                        ("head_ct", f"TTN p95, head CT ({ttn['head_ct']['slices']} slices)")):
+        t = ttn[name]
+        st = t["summary"]["ttn"]
+        rows.append((label, f"<= {t['target_p95']:.1f} s (stable age {age} s + "
+                     f"{t['target_p95'] - age:.0f} s)",
+                     f"p50 {st['p50']:.2f} s, p95 {st['p95']:.2f} s, max {st['max']:.2f} s",
+                     _ok(t["met"])))
+    e = s["efficiency"]
+    rows.append(("Efficiency (pipeline / limit)", ">= 0.9",
+                 f"{e['ratio']:.2f} ({e['pipeline']['studies_per_second']:.2f} vs "
+                 f"{e['limit']['studies_per_second']:.2f} studies/s)", _ok(e["met"])))
+    u = s["urgent_backlog"]
+    rows.append((f"STAT under {u['backlog']} routine", "<= 2x alone",
+                 f"{u['ratio']:.2f}x ({u['under_backlog']['ttn']:.2f} s vs "
+                 f"{u['alone']['summary']['ttn']['p50']:.2f} s alone)", _ok(u["met"])))
+    i = s["ingest"]
+    rows.append(("Ingest with service / alone", ">= 0.9",
+                 f"{i['ratio']:.2f} ({i['with_service']['megabytes_per_second']:.0f} vs "
+                 f"{i['alone']['megabytes_per_second']:.0f} MB/s)", _ok(i["met"])))
+    a = s["api"]
+    for name, label in (("closed_loop", "back to back"),
+                        ("paced", f"each client every {a['paced']['think_seconds']:g} s")):
+        lat = a[name]["latency_ms"]
+        met = a["met"] if name == "closed_loop" else a["paced_met"]
+        rows.append((f"Worklist API, {a['clients']} clients, {label}", "p99 <= 50 ms, no errors",
+                     f"p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms, "
+                     f"{a[name]['requests_per_second']:.0f} req/s, {a[name]['errors']} errors",
+                     _ok(met)))
+    m = s["memory"]
+    growth = ", ".join(f"{w['warm_kib'] / 1024:.0f} -> {w['last_kib'] / 1024:.0f} MiB "
+                       f"({w['growth_percent']:+.1f}%)" for w in m["workers"].values())
+    rows.append((f"Worker memory over {m['studies']} studies",
+                 f"flat (< {m['growth_limit_percent']:g}% growth after warm-up)", growth,
+                 _ok(m["met"])))
+    return rows
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    s = results["sections"]
+    lines = [
+        "# Benchmark summary" + (" (smoke run: counts too small to mean anything)"
+                                 if results["smoke"] else ""),
+        "",
+        f"{results['started_at'][:19]} UTC; {m['nproc']} cores ({m['cpu_model']}), "
+        f"{m['ram_gib']} GiB RAM, Debian {m['debian']}, Python {m['python']}, "
+        f"Orthanc {m.get('orthanc', '?')}, Redis {m.get('redis', '?')}, "
+        f"onnxruntime {m['onnxruntime']}; commit {m['git_commit']}"
+        + (" (triage/ modified)" if m["git_dirty"] else "") + ".",
+        "",
+        "| what | target | measured | |",
+        "|---|---|---|---|",
+        *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets(results)),
+        "",
+        "## Time-to-notification, median of each part (s)",
+        "",
+        "| series | n | " + " | ".join(TTN_PARTS) + " | total p50 |",
+        "|---|---|" + "---|" * len(TTN_PARTS) + "---|",
+    ]
+    rows = [("radiograph", s["ttn"]["radiograph"]["summary"]),
+            ("head CT", s["ttn"]["head_ct"]["summary"]),
+            ("STAT alone", s["urgent_backlog"]["alone"]["summary"])]
+    for name, st in rows:
+        lines.append(f"| {name} | {st['ttn']['n']} | "
+                     + " | ".join(f"{st[p]['p50']:.3f}" for p in TTN_PARTS)
+                     + f" | {st['ttn']['p50']:.3f} |")
+    rec = s["urgent_backlog"]["under_backlog"]
+    lines.append("| STAT under backlog | 1 | " + " | ".join(f"{rec[p]:.3f}" for p in TTN_PARTS)
+                 + f" | {rec['ttn']:.3f} |")
+    e = s["efficiency"]
+    lines += ["", "## Efficiency", "",
+              f"{e['studies']} radiographs, {e['processes']} workers, model {e['model']}. "
+              f"Pipeline {e['pipeline']['studies_per_second']:.2f} studies/s; limit "
+              f"(fetch + decode + inference only) {e['limit']['studies_per_second']:.2f} "
+              "studies/s. Mean seconds per study in the pipeline: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in e["pipeline"]["mean_parts"].items())
+              + f"; in the limit loop: {e['limit']['mean_seconds_per_study']:.3f}.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_ttn(results: dict[str, Any], path: Path) -> None:
+    s = results["sections"]
+    series = {"radiograph": s["ttn"]["radiograph"]["summary"],
+              "head CT": s["ttn"]["head_ct"]["summary"],
+              "STAT alone": s["urgent_backlog"]["alone"]["summary"]}
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = list(series)
+    left = [0.0] * len(names)
+    for part in TTN_PARTS:
+        values = [max(0.0, series[n][part]["p50"]) for n in names]
+        ax.barh(names, values, left=left, label=part)
+        left = [a + b for a, b in zip(left, values, strict=True)]
+    ax.set_xlabel("seconds (median of each part)")
+    ax.set_title("Time-to-notification breakdown")
+    ax.legend(fontsize=8, ncol=4, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_memory(results: dict[str, Any], path: Path) -> None:
+    m = results["sections"]["memory"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for pid in m["workers"]:
+        xs = [s["analysed"] for s in m["samples"]]
+        ys = [s["rss_kib"][pid] / 1024 for s in m["samples"]]
+        ax.plot(xs, ys, marker=".", label=f"worker {pid}")
+    ax.set_xlabel("studies analysed (both workers)")
+    ax.set_ylabel("VmRSS (MiB)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Worker resident memory")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_api(results: dict[str, Any], path: Path) -> None:
+    a = results["sections"]["api"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = ["closed_loop", "paced"]
+    for stat in ("p50", "p99"):
+        ax.bar([f"{n}\n{stat}" for n in names], [a[n]["latency_ms"][stat] for n in names])
+    ax.axhline(50, color="red", linestyle="--", label="target p99")
+    ax.set_ylabel("ms")
+    ax.set_title(f"Worklist latency, {a['clients']} clients, {a['indexed']} studies")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_ratios(results: dict[str, Any], path: Path) -> None:
+    s = results["sections"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = ["efficiency", "ingest", "STAT backlog/alone"]
+    values = [s["efficiency"]["ratio"], s["ingest"]["ratio"], s["urgent_backlog"]["ratio"]]
+    limits = [0.9, 0.9, 2.0]
+    ax.bar(labels, values)
+    ax.scatter(labels, limits, color="red", marker="_", s=2000, label="target")
+    ax.set_title("Ratios against targets")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(results: dict[str, Any], folder: Path) -> None:
+    (folder / "summary.md").write_text(markdown(results))
+    _plot_ttn(results, folder / "ttn.png")
+    _plot_memory(results, folder / "memory.png")
+    _plot_api(results, folder / "api.png")
+    _plot_ratios(results, folder / "ratios.png")

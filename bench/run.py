@@ -1,0 +1,433 @@
+"""``make bench``: the service's performance on this machine, against its targets.
+
+Runs a local stack (real Orthanc and Redis, the watcher, two workers and the API as
+subprocesses, on free ports in a temporary data directory), sends real DICOM with dcmtk's
+``storescu`` and writes ``<output>/latest.json``, ``<output>/summary.md`` and PNG plots.
+``--smoke`` runs every section with tiny counts (for the test suite); its numbers mean nothing.
+
+Results JSON (``latest.json``); every duration is in seconds unless its name says otherwise:
+
+    schema: 1
+    smoke: bool
+    started_at, finished_at: ISO 8601 UTC
+    machine: {nproc, cpu_model, ram_gib, debian, python, orthanc, redis, onnxruntime,
+              git_commit, git_dirty}
+    config: the counts used (see ``Config``)
+    models: {reference_model, radiograph_model, radiograph_model_gmacs,
+             radiograph_model_megabytes}
+    sections:
+      ttn:         {stable_age, radiograph: TTN, head_ct: TTN}
+                   TTN = {target_p95, met, studies, slices,
+                          summary: {ttn|stable_wait|queue_wait|fetch|decode|inference|report|
+                                    other: STATS},
+                          records: [{ttn, stable_wait, ..., other}]}
+                   STATS = {n, p50, p95, p99, max, mean}
+      efficiency:  {target_ratio, met, ratio, studies, processes,
+                    pipeline: {studies_per_second, seconds, mean_parts: {fetch, decode,
+                               inference, report, other}},
+                    limit: {studies_per_second, seconds, mean_seconds_per_study}}
+      urgent_backlog: {target_ratio, met, ratio, backlog, backlog_left_when_stat_analysed,
+                       alone: {summary: STATS, records: [...]}, under_backlog: {ttn record}}
+      ingest:      {target_ratio, met, ratio, series, slices_per_series,
+                    alone: INGEST, with_service: INGEST}
+                   INGEST = {instances, megabytes, seconds, instances_per_second,
+                             megabytes_per_second}
+      api:         {target_p99_ms, met, indexed, clients,
+                    closed_loop: LOAD, paced: LOAD}
+                   LOAD = {think_seconds, requests, requests_per_second, errors,
+                           error_kinds, latency_ms: STATS}
+      memory:      {met, studies, every, growth_limit_percent,
+                    workers: {pid: {warm_kib, last_kib, max_kib, growth_percent,
+                                    slope_kib_per_100_studies}},
+                    samples: [{analysed, rss_kib: {pid: kib}, at}]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rq import Queue
+from rq.job import Job
+
+from bench import api_load, report
+from bench.limit import measure_limit
+from bench.measure import (
+    TIMING_PARTS,
+    MemorySampler,
+    breakdown_summary,
+    summary,
+    ttn_breakdown,
+    wait_analysed,
+)
+from bench.models import RADIOGRAPH_MODEL, write_models
+from bench.stack import WORKERS, BenchStack
+from bench.studies import head_ct, radiograph
+from triage.ingest import snapshot_study
+from triage.settings import PROJECT_ROOT
+from triage.tokens import create_token
+from triage.uids import derived_uid
+from triage.worklist import StudyStatus
+
+DEFAULT_OUTPUT = PROJECT_ROOT / "bench" / "results"
+MEMORY_GROWTH_LIMIT_PERCENT = 5.0
+
+
+@dataclass(frozen=True)
+class Config:
+    stable_age: int = 2
+    ttn_radiographs: int = 20
+    ttn_head_cts: int = 5
+    ct_slices: int = 300
+    efficiency_studies: int = 200
+    stat_alone: int = 3
+    backlog: int = 500
+    memory_studies: int = 1000
+    memory_every: int = 50
+    ingest_series: int = 4
+    api_indexed: int = 10_000
+    api_clients: int = 50
+    api_seconds: float = 30.0
+    api_paced_seconds: float = 20.0
+    api_think_seconds: float = 1.0
+
+
+SMOKE = Config(stable_age=1, ttn_radiographs=2, ttn_head_cts=1, ct_slices=10,
+               efficiency_studies=4, stat_alone=1, backlog=5, memory_studies=10,
+               memory_every=5, ingest_series=1, api_indexed=200, api_clients=5,
+               api_seconds=2.0, api_paced_seconds=2.0, api_think_seconds=0.5)
+
+
+def study_uid(key: str) -> str:
+    return derived_uid("bench-study", key)
+
+
+class Bench:
+    def __init__(self, config: Config, work: Path) -> None:
+        self.config = config
+        self.work = work
+        self.files = work / "files"
+        self.files.mkdir(parents=True)
+        self.models_dir = work / "models"
+        self.models = write_models(self.models_dir)
+        self.stack = BenchStack(work / "data", self.models_dir, config.stable_age)
+        self.tag = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+        self.sampler: MemorySampler | None = None
+
+    @property
+    def redis(self) -> Any:
+        return self.stack.redis
+
+    def key(self, kind: str, n: int) -> str:
+        return f"{self.tag}-{kind}-{n}"
+
+    def timeout(self, studies: int) -> float:
+        return 120.0 + 2.0 * studies
+
+    def alive(self) -> None:
+        self.stack.wait_until(lambda: True, 1, "processes")
+
+    # -- sections --------------------------------------------------------------------------
+
+    def ingest(self, mode: str) -> dict[str, Any]:
+        """Sends ``ingest_series`` CT series back to back, one storescu each."""
+        c = self.config
+        series = [head_ct(self.files, self.key(f"ingest-{mode}", n), c.ct_slices)
+                  for n in range(c.ingest_series)]
+        size = sum(p.stat().st_size for files in series for p in files)
+        started = time.perf_counter()
+        for files in series:
+            self.stack.storescu(files)
+        seconds = time.perf_counter() - started
+        instances = sum(len(files) for files in series)
+        for files in series:
+            shutil.rmtree(files[0].parent)
+        return {"instances": instances, "megabytes": size / 2**20, "seconds": seconds,
+                "instances_per_second": instances / seconds,
+                "megabytes_per_second": size / 2**20 / seconds}
+
+    def ttn(self, kind: str, count: int, make: Any, target: float | None) -> dict[str, Any]:
+        records = []
+        for n in range(count):
+            key = self.key(kind, n)
+            files = make(key, n)
+            acked = self.stack.storescu(files)
+            uid = study_uid(key)
+            final = wait_analysed(self.stack.worklist, [uid], self.timeout(len(files)),
+                                  self.alive)
+            if final[uid] != StudyStatus.ANALYSED.value:
+                raise RuntimeError(f"{kind} study ended {final[uid]}: "
+                                   f"{self.stack.worklist.get(uid)}")
+            records.append(ttn_breakdown(self.redis, uid, acked))
+            for path in files:
+                path.unlink()
+        stats = breakdown_summary(records)
+        met = None if target is None else stats["ttn"]["p95"] <= target
+        return {"target_p95": target, "met": met,
+                "studies": count, "summary": stats, "records": records}
+
+    def send_queued(self, keys: list[str], make: Any) -> None:
+        """Send one study per key in one storescu association; wait until all are queued."""
+        files = [p for n, key in enumerate(keys) for p in make(key, n)]
+        for start in range(0, len(files), 100):  # storescu's command line stays short
+            self.stack.storescu(files[start : start + 100])
+        for path in files:
+            path.unlink()
+        worklist = self.stack.worklist
+        uids = [study_uid(k) for k in keys]
+
+        def queued() -> bool:
+            return all((item := worklist.get(u)) is not None and item.job_id for u in uids)
+
+        self.stack.wait_until(queued, self.timeout(len(keys)), "studies queued", interval=0.5)
+
+    def efficiency(self) -> dict[str, Any]:
+        c = self.config
+        self.stack.stop_workers()
+        keys = [self.key("efficiency", n) for n in range(c.efficiency_studies)]
+        self.send_queued(keys, lambda key, n: radiograph(self.files, key, n))
+        self.stack.start_workers()
+        uids = [study_uid(k) for k in keys]
+        wait_analysed(self.stack.worklist, uids, self.timeout(len(uids)), self.alive)
+        items = [self.stack.worklist.get(u) for u in uids]
+        starts, ends, parts = [], [], {name: [] for name in (*TIMING_PARTS, "other")}
+        for item in items:
+            assert item is not None and item.analysed_at is not None
+            job = Job.fetch(item.job_id, connection=self.redis)
+            assert job.started_at is not None
+            started = job.started_at.timestamp()
+            starts.append(started)
+            ends.append(item.analysed_at.timestamp())
+            timings = {n: sum(r.timings.get(n, 0.0) for r in item.results) for n in TIMING_PARTS}
+            for name, value in timings.items():
+                parts[name].append(value)
+            parts["other"].append(ends[-1] - started - sum(timings.values()))
+        seconds = max(ends) - min(starts)
+        pipeline = {"studies_per_second": len(uids) / seconds, "seconds": seconds,
+                    "mean_parts": {n: float(np.mean(v)) for n, v in parts.items()}}
+        assert self.stack.orthanc is not None
+        instance_ids = [list(snapshot_study(self.stack.orthanc, item.orthanc_id)
+                             .series[0].instance_ids) for item in items if item is not None]
+        limit = measure_limit(self.models_dir / RADIOGRAPH_MODEL, instance_ids, WORKERS)
+        ratio = pipeline["studies_per_second"] / limit["studies_per_second"]
+        self.stack.delete_all_studies()
+        return {"target_ratio": 0.9, "met": ratio >= 0.9, "ratio": ratio,
+                "studies": len(uids), "processes": WORKERS, "model": RADIOGRAPH_MODEL,
+                "pipeline": pipeline, "limit": limit}
+
+    def urgent_backlog_and_memory(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        c = self.config
+
+        def stat(key: str, n: int) -> list[Path]:
+            return radiograph(self.files, key, 0, stat=True)
+
+        alone = self.ttn("stat-alone", c.stat_alone, stat, None)
+        self.stack.stop_workers()
+        keys = [self.key("backlog", n) for n in range(c.backlog)]
+        self.send_queued(keys, lambda key, n: radiograph(self.files, key, n))
+        self.stack.start_workers()
+        sampler = MemorySampler(self.redis, self.stack.worker_pids(), c.memory_every)
+        sampler.start()
+        default = Queue("default", connection=self.redis)
+        backlog_at_send = default.count
+        key = self.key("stat-backlog", 0)
+        files = stat(key, 0)
+        acked = self.stack.storescu(files)
+        uid = study_uid(key)
+        wait_analysed(self.stack.worklist, [uid], self.timeout(c.backlog), self.alive)
+        left = default.count
+        record = ttn_breakdown(self.redis, uid, acked)
+        files[0].unlink()
+        alone_p50 = alone["summary"]["ttn"]["p50"]
+        ratio = record["ttn"] / alone_p50
+        backlog = {"target_ratio": 2.0, "met": ratio <= 2.0, "ratio": ratio,
+                   "backlog": c.backlog, "backlog_when_stat_sent": backlog_at_send,
+                   "backlog_left_when_stat_analysed": left,
+                   "alone": {"summary": alone["summary"], "records": alone["records"]},
+                   "under_backlog": record}
+        wait_analysed(self.stack.worklist, [study_uid(k) for k in keys],
+                      self.timeout(c.backlog), self.alive)
+        # Top up to ``memory_studies`` analysed since the workers started.
+        more = max(0, c.memory_studies - (sampler.analysed() - sampler.base))
+        extra = [self.key("memory", n) for n in range(more)]
+        for start in range(0, len(extra), 100):
+            batch = extra[start : start + 100]
+            self.send_queued(batch, lambda key, n: radiograph(self.files, key, n))
+        wait_analysed(self.stack.worklist, [study_uid(k) for k in extra],
+                      self.timeout(len(extra)), self.alive)
+        sampler.stop()
+        self.stack.delete_all_studies()
+        return backlog, memory_result(sampler, c)
+
+    def api(self) -> dict[str, Any]:
+        c = self.config
+        indexed = api_load.index_studies(self.stack.worklist, c.api_indexed)
+        token = create_token(self.redis, role="radiologist", owner="bench", days=1)
+        base = f"http://127.0.0.1:{self.stack.settings.api_port}"
+        loads = {
+            "closed_loop": api_load.run_load(base, token, clients=c.api_clients,
+                                             seconds=c.api_seconds),
+            "paced": api_load.run_load(base, token, clients=c.api_clients,
+                                       seconds=c.api_paced_seconds, think=c.api_think_seconds),
+        }
+        out: dict[str, Any] = {"target_p99_ms": 50.0, "indexed": int(
+            self.redis.zcard("triage:worklist")), "added": indexed, "clients": c.api_clients,
+            "request": f"GET {api_load.WORKLIST_PATH} (first page, default size)"}
+        for name, load in loads.items():
+            latencies = [x * 1000 for x in load["latencies"]]
+            errors = load["errors"]
+            kinds: dict[str, int] = {}
+            for error in errors:
+                kinds[error] = kinds.get(error, 0) + 1
+            out[name] = {"think_seconds": c.api_think_seconds if name == "paced" else 0.0,
+                         "requests": len(latencies),
+                         "requests_per_second": len(latencies) / load["seconds"],
+                         "errors": len(errors), "error_kinds": kinds,
+                         "latency_ms": summary(latencies)}
+        out["met"] = (out["closed_loop"]["latency_ms"]["p99"] <= 50.0
+                      and out["closed_loop"]["errors"] == 0)
+        out["paced_met"] = (out["paced"]["latency_ms"]["p99"] <= 50.0
+                            and out["paced"]["errors"] == 0)
+        return out
+
+    # -- the whole run ---------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        c = self.config
+        sections: dict[str, Any] = {}
+        self.stack.start_servers()
+        try:
+            alone = self.ingest("alone")
+            self.stack.delete_all_studies()
+            self.stack.start_service()
+            with_service = self.ingest("service")
+            uids = [study_uid(self.key("ingest-service", n)) for n in range(c.ingest_series)]
+            wait_analysed(self.stack.worklist, uids, self.timeout(c.ct_slices * len(uids)),
+                          self.alive)
+            self.stack.delete_all_studies()
+            ratio = with_service["instances_per_second"] / alone["instances_per_second"]
+            sections["ingest"] = {"target_ratio": 0.9, "met": ratio >= 0.9, "ratio": ratio,
+                                  "series": c.ingest_series, "slices_per_series": c.ct_slices,
+                                  "alone": alone, "with_service": with_service}
+            age = c.stable_age
+            sections["ttn"] = {
+                "stable_age": age,
+                "radiograph": self.ttn("ttn-cr", c.ttn_radiographs,
+                                       lambda key, n: radiograph(self.files, key, n), age + 1.0),
+                "head_ct": {**self.ttn("ttn-ct", c.ttn_head_cts,
+                                       lambda key, n: head_ct(self.files, key, c.ct_slices),
+                                       age + 3.0), "slices": c.ct_slices},
+            }
+            self.stack.delete_all_studies()
+            sections["efficiency"] = self.efficiency()
+            backlog, memory = self.urgent_backlog_and_memory()
+            sections["urgent_backlog"] = backlog
+            sections["memory"] = memory
+            sections["api"] = self.api()
+            versions = self._versions()
+        finally:
+            self.stack.stop()
+        return {"sections": sections, "versions": versions}
+
+    def _versions(self) -> dict[str, str]:
+        assert self.stack.orthanc is not None and self.redis is not None
+        return {"orthanc": str(self.stack.orthanc.system().get("Version", "")),
+                "redis": str(self.redis.info("server").get("redis_version", ""))}
+
+
+def memory_result(sampler: MemorySampler, config: Config) -> dict[str, Any]:
+    samples = sampler.samples
+    total = int(samples[-1]["analysed"]) if samples else 0  # type: ignore[call-overload]
+    warm_mark = max(config.memory_every, total // 10)
+    workers: dict[str, Any] = {}
+    met = True
+    for pid in (samples[0]["rss_kib"] if samples else {}):  # type: ignore[union-attr]
+        points = [(int(s["analysed"]), int(s["rss_kib"][pid]))  # type: ignore[call-overload,index]
+                  for s in samples]
+        warm = [p for p in points if p[0] >= warm_mark] or points
+        x = np.array([p[0] for p in warm], dtype=float)
+        y = np.array([p[1] for p in warm], dtype=float)
+        slope = float(np.polyfit(x, y, 1)[0] * 100) if len(set(x)) > 1 else 0.0
+        growth = (warm[-1][1] - warm[0][1]) / warm[0][1] * 100
+        met = met and growth < MEMORY_GROWTH_LIMIT_PERCENT
+        workers[pid] = {"warm_kib": warm[0][1], "last_kib": points[-1][1],
+                        "max_kib": max(p[1] for p in points), "growth_percent": growth,
+                        "slope_kib_per_100_studies": slope}
+    return {"met": met, "studies": total, "every": config.memory_every,
+            "warm_from_studies": warm_mark, "growth_limit_percent": MEMORY_GROWTH_LIMIT_PERCENT,
+            "workers": workers, "samples": samples}
+
+
+def machine() -> dict[str, Any]:
+    def first(path: str, prefix: str) -> str:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(prefix):
+                return line.split(":", 1)[1].strip()
+        return ""
+
+    import onnxruntime
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True,
+                              text=True).stdout.strip()
+
+    return {
+        "nproc": int(subprocess.run(["nproc"], capture_output=True, text=True).stdout),
+        "cpu_model": first("/proc/cpuinfo", "model name"),
+        "ram_gib": round(int(first("/proc/meminfo", "MemTotal").split()[0]) / 2**20, 1),
+        "debian": Path("/etc/debian_version").read_text().strip(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--", "triage")),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny counts, for the tests")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help="folder for latest.json, summary.md and the plots")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary data directory (logs, Orthanc, Redis)")
+    args = parser.parse_args(argv)
+    config = SMOKE if args.smoke else Config()
+    work = Path(tempfile.mkdtemp(prefix="triage-bench-"))
+    started = datetime.now(UTC)
+    ok = False
+    try:
+        bench = Bench(config, work)
+        outcome = bench.run()
+        ok = True
+    finally:
+        if ok and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"benchmark data kept in {work}", file=sys.stderr)
+    results = {
+        "schema": 1, "smoke": args.smoke, "started_at": started.isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(),
+        "machine": {**machine(), **outcome["versions"]},
+        "config": asdict(config), "models": bench.models, "sections": outcome["sections"],
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    report.write(results, args.output)
+    print((args.output / "summary.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""``python -m bench.run --smoke`` completes and writes every section with real numbers.
+
+No timing is asserted: the smoke run's counts are too small to mean anything, and CI
+machines differ. ``make bench`` is where the numbers are judged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from triage.settings import PROJECT_ROOT
+
+pytest.importorskip("matplotlib")
+pytestmark = pytest.mark.servers
+
+SECTIONS = ("ttn", "efficiency", "urgent_backlog", "ingest", "api", "memory")
+STATS = ("n", "p50", "p95", "p99", "max", "mean")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(
+        value)
+
+
+def _stats(value: dict[str, Any]) -> None:
+    assert set(STATS) <= set(value), value
+    assert value["n"] >= 1
+    assert all(_number(value[k]) for k in STATS), value
+
+
+@pytest.mark.timeout(240)
+def test_bench_smoke(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--output",
+                           str(tmp_path)], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=230)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert results["smoke"] is True
+    assert set(SECTIONS) <= set(results["sections"])
+    s = results["sections"]
+
+    for kind in ("radiograph", "head_ct"):
+        ttn = s["ttn"][kind]
+        assert isinstance(ttn["met"], bool)
+        for part in ("ttn", "stable_wait", "queue_wait", "fetch", "decode", "inference",
+                     "report", "other"):
+            _stats(ttn["summary"][part])
+        assert ttn["summary"]["ttn"]["p50"] > 0
+    for section in ("efficiency", "urgent_backlog", "ingest"):
+        assert _number(s[section]["ratio"]) and s[section]["ratio"] > 0, section
+        assert isinstance(s[section]["met"], bool)
+    assert s["efficiency"]["pipeline"]["studies_per_second"] > 0
+    assert s["efficiency"]["limit"]["studies_per_second"] > 0
+    assert s["urgent_backlog"]["under_backlog"]["ttn"] > 0
+    for mode in ("alone", "with_service"):
+        assert s["ingest"][mode]["instances_per_second"] > 0
+    for load in ("closed_loop", "paced"):
+        _stats(s["api"][load]["latency_ms"])
+        assert s["api"][load]["errors"] == 0
+    assert s["api"]["indexed"] >= results["config"]["api_indexed"]
+    memory = s["memory"]
+    assert len(memory["samples"]) >= 2 and memory["workers"]
+    for worker in memory["workers"].values():
+        assert worker["last_kib"] > 0 and _number(worker["growth_percent"])
+    assert results["models"]["radiograph_model_gmacs"] > 2.5
+    for name in ("summary.md", "ttn.png", "memory.png", "api.png", "ratios.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
