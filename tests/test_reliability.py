@@ -148,16 +148,38 @@ def _queued(servers: Servers) -> int:
     return sum(q.count for q in queues(servers.redis))
 
 
-def test_study_orthanc_forgot_across_a_restart_is_queued(clean_servers: Servers,
-                                                         tmp_path: Path) -> None:
+def _crash_orthanc(servers: Servers) -> None:
+    servers.orthanc_process.signal(signal.SIGKILL)
+    servers.orthanc_process.stop()
+    servers.orthanc_process.start()
+    servers.wait_until(lambda: _reachable(servers), what="Orthanc back")
+
+
+def test_study_orthanc_forgot_is_queued_by_the_watchers_own_clock(clean_servers: Servers,
+                                                                   tmp_path: Path) -> None:
+    """The watcher times completeness from the arrivals it saw, not from Orthanc's
+    announcement: a study Orthanc forgot in a crash is queued at its stable age."""
+    servers = clean_servers
+    watcher = Watcher(servers.settings, servers.orthanc, servers.redis)
+    storescu(servers.settings, write_study(tmp_path / "s", "head-ct-normal"))
+    assert watcher.poll_once() == 0  # the arrivals are seen; the stable age has not passed
+    _crash_orthanc(servers)  # within the stable age: Orthanc will never announce the study
+    servers.wait_until(lambda: watcher.poll_once() == 1, timeout=servers.settings.stable_age + 5,
+                       what="the study queued by the watcher's clock")
+    [item] = Worklist(servers.redis).page()[0]
+    assert item.status is StudyStatus.QUEUED
+    assert watcher.poll_once() == 0  # queued once
+
+
+def test_study_orthanc_forgot_across_a_restart_of_both_is_queued(clean_servers: Servers,
+                                                                  tmp_path: Path) -> None:
     servers = clean_servers
     watcher = Watcher(servers.settings, servers.orthanc, servers.redis)
     storescu(servers.settings, write_study(tmp_path / "s", "head-ct-normal"))
     watcher.poll_once()  # sees the new study; Orthanc has not called it stable yet
-    servers.orthanc_process.signal(signal.SIGKILL)  # Orthanc crashes within the stable age
-    servers.orthanc_process.stop()
-    servers.orthanc_process.start()
-    servers.wait_until(lambda: _reachable(servers), what="Orthanc back")
+    _crash_orthanc(servers)  # Orthanc crashes within the stable age...
+    # ...and the watcher restarts too (the server rebooted): the arrivals it saw are gone.
+    watcher = Watcher(servers.settings, servers.orthanc, servers.redis)
     time.sleep(servers.settings.stable_age + 1)
     assert watcher.poll_once() == 0  # Orthanc never reports this study stable
     assert Worklist(servers.redis).page()[1] == 0

@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     )
 
     stable_age: int = Field(default=DEFAULT_STABLE_AGE, ge=1)
-    watcher_poll_seconds: float = Field(default=1.0, gt=0)
+    watcher_poll_seconds: float = Field(default=0.2, gt=0)
     job_timeout: int = Field(default=600, ge=10)
     job_retries: int = Field(default=3, ge=0)
     fetch_threads: int = Field(default=4, ge=1)

@@ -1,4 +1,9 @@
-"""Follows Orthanc's change log and queues every stable study exactly once per input set.
+"""Follows Orthanc's change log and queues every complete study exactly once per input set.
+
+A study is complete when it has received no new instance for the stable age. The watcher
+times that itself from the change log's NewInstance entries (``triage.arrivals``), which
+is more than a second sooner than Orthanc's own StableStudy; Orthanc's announcement still
+queues any study the watcher did not see arrive.
 
 The cursor (last change handled) lives in Redis, so a restart of the watcher, Orthanc or Redis
 neither misses nor duplicates a study; a lost cursor only means re-reading the change log, and
@@ -10,11 +15,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from datetime import datetime, timedelta
 from typing import Any, cast
 
 import redis
 
+from triage.arrivals import ArrivalClock
 from triage.errors import TransientError
 from triage.ingest import StudySnapshot, snapshot_study
 from triage.logs import pseudonym
@@ -24,6 +31,7 @@ from triage.queues import QueueName, enqueue_analysis, job_pending
 from triage.recovery import recover_abandoned
 from triage.settings import Settings
 from triage.uids import job_id as make_job_id
+from triage.uids import key_image_series_uid, sr_series_uid
 from triage.worklist import StudyStatus, Worklist, WorklistItem, utcnow
 
 log = logging.getLogger(__name__)
@@ -35,11 +43,14 @@ UNSTABLE_KEY = "triage:watcher:unstable"
 STABLE_STUDY = "StableStudy"
 NEW_STUDY = "NewStudy"
 NEW_SERIES = "NewSeries"
+NEW_INSTANCE = "NewInstance"
 PAGE_SIZE = 200
 MAINTENANCE_SECONDS = 5.0
 # How long past its stable age a study may stay unreported before the watcher treats it as
 # complete itself (Orthanc restarted in between and will never report it).
 UNSTABLE_GRACE_SECONDS = 30
+# Study Instance UIDs of Orthanc study ids, kept to tell the service's own series apart.
+STUDY_UID_CACHE = 10_000
 
 
 def _queue_for(existing: WorklistItem | None, clinical: ClinicalPriority) -> QueueName:
@@ -60,44 +71,91 @@ class Watcher:
         self.orthanc = orthanc
         self.redis = connection
         self.worklist = Worklist(connection)
+        self.arrivals = ArrivalClock(settings.stable_age)
+        self._study_uids: OrderedDict[str, str] = OrderedDict()
 
     @property
     def cursor(self) -> int:
         raw = self.redis.get(CURSOR_KEY)
         return int(raw) if raw else 0
 
-    def poll_once(self) -> int:
-        """Handle every change Orthanc has logged since the cursor; returns studies queued."""
+    def poll_once(self, now: float | None = None) -> int:
+        """Handle every change Orthanc has logged since the cursor, then queue the studies
+        that have been quiet for the stable age; returns the number of studies queued.
+
+        ``now`` is the watcher's monotonic clock (``time.monotonic()`` if not given).
+        """
         queued = 0
         cursor = self.cursor
-        if cursor > self.orthanc.last_change():
-            # Orthanc's index was replaced (a new database numbers changes from 0 again).
-            log.warning("Orthanc's change log restarted below cursor %d: reading it again",
-                        cursor)
-            cursor = 0
         while True:
             page = self.orthanc.changes(cursor, PAGE_SIZE)
+            if page.last < cursor:
+                # Orthanc's index was replaced (a new database numbers changes from 0 again).
+                log.warning("Orthanc's change log restarted below cursor %d: reading it again",
+                            cursor)
+                cursor = 0
+                continue
+            seen = time.monotonic() if now is None else now
+            for study_id in self._arrived([c.resource_id for c in page.changes
+                                           if c.change_type == NEW_INSTANCE]):
+                self.arrivals.arrived(study_id, seen)
+            self._remember_unstable(page.changes)
             for change in page.changes:
                 if change.change_type == STABLE_STUDY:
                     self.redis.hdel(UNSTABLE_KEY, change.resource_id)
-                    queued += self._handle(change)
-                elif change.change_type in (NEW_STUDY, NEW_SERIES):
-                    self._remember_unstable(change)
-                # Advance change by change: a crash costs at most one re-read change.
-                self.redis.set(CURSOR_KEY, change.seq)
+                    if not self.arrivals.already_queued(change.resource_id):
+                        queued += self._handle(change)
+                        # The snapshot just read holds every instance seen so far.
+                        self.arrivals.queued(change.resource_id, seen)
+                    # A crash after this costs at most re-reading the rest of the page.
+                    self.redis.set(CURSOR_KEY, change.seq)
             cursor = page.last if page.changes else cursor
             self.redis.set(CURSOR_KEY, cursor)
             if page.done or not page.changes:
-                return queued
+                break
+        return queued + self.queue_complete(time.monotonic() if now is None else now)
 
-    def _remember_unstable(self, change: Change) -> None:
-        study_id = change.resource_id
-        if change.change_type == NEW_SERIES:
-            try:
-                study_id = self.orthanc.series(change.resource_id)["ParentStudy"]
-            except StudyGone:
-                return
-        self.redis.hset(UNSTABLE_KEY, study_id, change.seq)
+    def queue_complete(self, now: float) -> int:
+        """Queue the studies quiet for the stable age at ``now``; returns how many."""
+        queued = 0
+        for study_id in self.arrivals.due(now):
+            self.redis.hdel(UNSTABLE_KEY, study_id)
+            queued += self._handle(Change(seq=0, change_type=STABLE_STUDY,
+                                          resource_id=study_id, resource_type="Study"))
+            self.arrivals.queued(study_id, now)
+        return queued
+
+    def _arrived(self, instance_ids: list[str]) -> set[str]:
+        """Orthanc ids of the studies that received ``instance_ids``, leaving out the
+        service's own SRs and key images (storing them must not restart the clock)."""
+        if not instance_ids:
+            return set()
+        series = self.orthanc.bulk_content(instance_ids, level="Series")
+        unknown = sorted({s["ParentStudy"] for s in series} - self._study_uids.keys())
+        for study in self.orthanc.bulk_content(unknown, level="Study"):
+            self._study_uids[study["ID"]] = study.get("MainDicomTags", {}).get(
+                "StudyInstanceUID", "")
+        while len(self._study_uids) > STUDY_UID_CACHE:
+            self._study_uids.popitem(last=False)
+        studies = set()
+        for one in series:
+            study_uid = self._study_uids.get(one["ParentStudy"], "")
+            own = {str(sr_series_uid(study_uid)), str(key_image_series_uid(study_uid))}
+            if one.get("MainDicomTags", {}).get("SeriesInstanceUID") not in own:
+                studies.add(one["ParentStudy"])
+        return studies
+
+    def _remember_unstable(self, changes: list[Change]) -> None:
+        """Note the studies that got a new study or series entry in ``changes``: they are
+        unstable until queued (``sweep_unstable``)."""
+        studies = {c.resource_id: c.seq for c in changes if c.change_type == NEW_STUDY}
+        series = [c.resource_id for c in changes if c.change_type == NEW_SERIES]
+        if series:
+            last = max(c.seq for c in changes if c.change_type == NEW_SERIES)
+            for study in self.orthanc.bulk_content(series, level="Study"):
+                studies.setdefault(study["ID"], last)
+        if studies:
+            self.redis.hset(UNSTABLE_KEY, mapping=cast(dict[Any, Any], studies))
 
     def sweep_unstable(self, now: datetime) -> int:
         """Queue studies Orthanc stopped tracking (it restarted before they were stable).
@@ -227,5 +285,14 @@ class Watcher:
                 log.warning("watcher waiting: %s", exc)
                 stop.wait(min(5.0, self.settings.watcher_poll_seconds * 5))
                 continue
-            stop.wait(self.settings.watcher_poll_seconds)
+            stop.wait(self._pause())
+
+    def _pause(self) -> float:
+        """Until the next poll: the poll interval, or less when a study becomes complete
+        sooner."""
+        pause = self.settings.watcher_poll_seconds
+        due = self.arrivals.next_due()
+        if due is not None:
+            pause = min(pause, max(0.0, due - time.monotonic()))
+        return pause
 
