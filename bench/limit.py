@@ -1,48 +1,45 @@
 """The throughput limit of analysis on this machine: the same studies fetched from the same
 Orthanc, decoded and run through the same model, in a tight loop, by the same number of
-processes, and nothing else (no queue, no worklist, no SR)."""
+processes, and nothing else (no queue, no worklist, no SR).
+
+The loop calls the very functions a worker calls (``SeriesLoader.load`` with the worker's
+thread count, then ``infer``), so the ratio of the pipeline to this limit measures what the
+pipeline adds around them.
+"""
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pydicom
-
-from triage.inference import run_model, self_test
+from triage.inference import infer, self_test, slice_transform
+from triage.memory import tune_for_images
 from triage.orthanc import OrthancClient
 from triage.registry import ModelPackage
+from triage.retrieval import SeriesLoader
 from triage.settings import Settings
 
 _state: dict[str, object] = {}
 
 
 def _init(model_folder: str) -> None:
+    tune_for_images()  # as a worker does
     settings = Settings()
     package = ModelPackage.load(Path(model_folder))
     self_test(package)  # the session is created and warm before the clock starts
-    _state.update(settings=settings, package=package,
-                  orthanc=OrthancClient.from_settings(settings))
+    loader = SeriesLoader(OrthancClient.from_settings(settings), settings.fetch_threads)
+    _state.update(package=package, loader=loader)
 
 
 def _analyse(instance_ids: Sequence[str]) -> float:
     started = time.perf_counter()
-    orthanc = _state["orthanc"]
-    settings = _state["settings"]
-    assert isinstance(orthanc, OrthancClient) and isinstance(settings, Settings)
-
-    def fetch(instance_id: str) -> pydicom.Dataset:
-        return pydicom.dcmread(io.BytesIO(orthanc.instance_file(instance_id)))
-
-    with ThreadPoolExecutor(max_workers=settings.fetch_threads) as pool:
-        datasets = list(pool.map(fetch, instance_ids))
-    package = _state["package"]
-    assert isinstance(package, ModelPackage)
-    run_model(package, datasets)
+    package, loader = _state["package"], _state["loader"]
+    assert isinstance(package, ModelPackage) and isinstance(loader, SeriesLoader)
+    prep = package.manifest.preprocessing
+    loaded = loader.load(instance_ids, prep.rescale, slice_transform(prep))
+    infer(package, loaded.volume, "")
     return time.perf_counter() - started
 
 

@@ -16,8 +16,9 @@ from rq.job import Job
 from triage.worklist import StudyStatus, Worklist
 
 # The parts of a time-to-notification, in pipeline order; they add up to ``ttn``.
-TTN_PARTS = ("stable_wait", "queue_wait", "fetch", "decode", "inference", "report", "other")
-TIMING_PARTS = ("fetch", "decode", "inference", "report")
+TTN_PARTS = ("stable_wait", "queue_wait", "fetch", "decode", "inference", "sr_build", "store",
+             "other")
+TIMING_PARTS = ("fetch", "decode", "inference", "sr_build", "store")
 
 
 def summary(values: Sequence[float]) -> dict[str, float | int]:
@@ -65,11 +66,13 @@ def ttn_breakdown(connection: redis.Redis, study_uid: str, acked: float) -> dict
     """Time from the last C-STORE acknowledged (``acked``, epoch seconds) to the worklist
     item ``analysed``, and its parts:
 
-    - ``stable_wait``: until the watcher enqueued the job (Orthanc's stable age, the
-      watcher's poll interval and its reading of the study);
+    - ``stable_wait``: until the watcher enqueued the job (the stable age, the watcher's
+      poll interval and its reading of the study);
     - ``queue_wait``: RQ ``enqueued_at`` to ``started_at``;
-    - ``fetch``, ``decode``, ``inference``, ``report`` (SR build and store): the item's
-      ``results[].timings``, summed over models;
+    - ``fetch`` (until the last instance is downloaded), ``decode`` (decoding not hidden
+      behind the downloads, and stacking), ``inference``, ``sr_build`` (the SR built and
+      encoded), ``store`` (Orthanc storing it): the item's ``results[].timings``, summed
+      over models;
     - ``other``: the rest of the job until ``analysed_at`` (study snapshot, size check, model
       selection, worklist writes).
     """

@@ -50,7 +50,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         ttn = s["ttn"][kind]
         assert isinstance(ttn["met"], bool)
         for part in ("ttn", "stable_wait", "queue_wait", "fetch", "decode", "inference",
-                     "report", "other"):
+                     "sr_build", "store", "other"):
             _stats(ttn["summary"][part])
         assert ttn["summary"]["ttn"]["p50"] > 0
     for section in ("efficiency", "urgent_backlog", "ingest"):

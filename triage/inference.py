@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from functools import partial
 from time import perf_counter
 
 import numpy as np
@@ -30,39 +32,55 @@ def run_model(package: ModelPackage, datasets: Sequence[Dataset]) -> ModelResult
     whole series at once and the key image is the middle one. A finding implies its label's
     priority only at or above the threshold.
     """
-    manifest = package.manifest
     series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(series_uids) > 1:
         raise InvalidInput("images from more than one series were given to one model")
-    size = manifest.preprocessing.size
-
+    prep = package.manifest.preprocessing
     started = perf_counter()
-    volume = decode_series(
-        datasets,
-        manifest.preprocessing.rescale,
-        slice_transform=lambda image: resize_square(image, size),
-    )
-    decoded = perf_counter()
+    volume = decode_series(datasets, prep.rescale, slice_transform=slice_transform(prep))
+    result = infer(package, volume, series_uids.pop())
+    return with_timings(result, decode=perf_counter() - started - result.timings["inference"])
+
+
+def infer(package: ModelPackage, volume: Volume, series_instance_uid: str) -> ModelResult:
+    """Run ``package`` on a volume decoded for it (``slice_transform`` of its preprocessing)
+    and turn the outputs into findings; ``timings`` has ``inference``."""
+    manifest = package.manifest
+    started = perf_counter()
     outputs = predict(package, model_input(manifest.preprocessing, volume.pixels))
     inferred = perf_counter()
-
     findings = tuple(_finding(manifest, label, outputs[label.output], volume)
                      for label in manifest.outputs)
     return ModelResult(
         model=package.identity,
-        series_instance_uid=series_uids.pop(),
+        series_instance_uid=series_instance_uid,
         input_sop_instance_uids=volume.sop_instance_uids,
         findings=findings,
-        timings={"decode": decoded - started, "inference": inferred - decoded},
+        timings={"inference": inferred - started},
     )
 
 
+def slice_transform(prep: Preprocessing) -> Callable[[np.ndarray], np.ndarray]:
+    """What each decoded slice goes through before stacking: the resize to the model size."""
+    return partial(resize_square, size=prep.size)
+
+
+def with_timings(result: ModelResult, **seconds: float) -> ModelResult:
+    """``result`` with more timings (seconds by name)."""
+    return replace(result, timings={**result.timings, **seconds})
+
+
 def model_input(prep: Preprocessing, slices: np.ndarray) -> np.ndarray:
-    """The input tensor for resized images [N, size, size], per the manifest's preprocessing."""
-    images = slices.astype(np.float32, copy=True)
+    """The input tensor for resized images [N, size, size], per the manifest's preprocessing.
+
+    ``slices`` is never changed; it is copied only where the preprocessing needs new values.
+    """
+    images = slices.astype(np.float32, copy=False)
     if prep.window is not None:
         low = prep.window.center - prep.window.width / 2
-        images = (np.clip(images, low, low + prep.window.width) - low) / prep.window.width
+        images = np.clip(images, low, low + prep.window.width)
+        images -= np.float32(low)
+        images /= np.float32(prep.window.width)
     images = _normalise(images, prep.normalisation)
     if prep.mode is InputMode.STACK:
         # Each image with its neighbours; the first and last are repeated at the ends.
@@ -78,6 +96,8 @@ def model_input(prep: Preprocessing, slices: np.ndarray) -> np.ndarray:
         weight = (positions - below).astype(np.float32)[:, None, None]
         resampled = images[below] * (1 - weight) + images[above] * weight
         return np.ascontiguousarray(resampled[None, None])
+    if prep.channels == 1:
+        return np.ascontiguousarray(images[:, None])
     return np.ascontiguousarray(np.repeat(images[:, None], prep.channels, axis=1))
 
 

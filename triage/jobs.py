@@ -12,7 +12,6 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 
@@ -23,14 +22,16 @@ from rq import get_current_job
 from triage import audit, delivery
 from triage.errors import InvalidInput, OutOfScope, PermanentError, TransientError
 from triage.findings import ModelResult
-from triage.inference import run_model
+from triage.inference import infer, slice_transform, with_timings
 from triage.ingest import SourceSeries, StudySnapshot, snapshot_study
 from triage.keyimage import build_key_image
 from triage.logs import pseudonym
+from triage.memory import tune_for_images
 from triage.orthanc import OrthancClient
 from triage.priority import highest
 from triage.registry import ModelPackage, ModelRegistry
 from triage.report import build_report
+from triage.retrieval import LoadedSeries, SeriesLoader
 from triage.selection import select_series
 from triage.settings import Settings, get_settings
 from triage.uids import sr_instance_uid
@@ -53,6 +54,7 @@ class WorkerContext:
     orthanc: OrthancClient
     redis: redis.Redis
     registry: ModelRegistry
+    loader: SeriesLoader
 
     @property
     def worklist(self) -> Worklist:
@@ -62,15 +64,18 @@ class WorkerContext:
 @cache
 def context() -> WorkerContext:
     """The per-process context; models are loaded here, once, not per study."""
+    tune_for_images()
     settings = get_settings()
     registry = ModelRegistry.load(settings.models_dir)
     for model_id, error in registry.errors.items():
         log.error("model package %s refused: %s", model_id, error)
+    orthanc = OrthancClient.from_settings(settings)
     return WorkerContext(
         settings=settings,
-        orthanc=OrthancClient.from_settings(settings),
+        orthanc=orthanc,
         redis=redis.Redis.from_url(settings.redis_connection_url),
         registry=registry,
+        loader=SeriesLoader(orthanc, settings.fetch_threads),
     )
 
 
@@ -153,26 +158,29 @@ def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str,
         return StudyStatus.SKIPPED
     results: list[ModelResult] = []
     evidence: dict[str, pydicom.Dataset] = {}
+    orthanc_ids: dict[str, str] = {}
     for package, series in chosen:
-        started = time.perf_counter()
-        datasets = fetch_series(ctx, series)
-        fetched = time.perf_counter() - started
-        result = run_model(package, datasets)
-        results.append(_with_timing(result, "fetch", fetched))
-        for ds in datasets:
-            evidence.setdefault(ds.SOPInstanceUID, ds)
+        loaded = load_series(ctx, package, series)
+        timings = {name: loaded.timings[name] for name in ("fetch", "decode")}
+        results.append(with_timings(
+            infer(package, loaded.volume, series.info.series_instance_uid), **timings))
+        for header in loaded.headers:
+            evidence.setdefault(header.SOPInstanceUID, header)
+        orthanc_ids.update(loaded.orthanc_ids)
     started = time.perf_counter()
     report = build_report(evidence=list(evidence.values()), results=results,
                           inputs_fingerprint=snapshot.inputs,
                           predecessors=_earlier_reports(ctx, snapshot, results))
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, report, enforce_file_format=True)
+    built = time.perf_counter()
     ctx.orthanc.store(buffer.getvalue())
-    report_seconds = time.perf_counter() - started
+    stored = time.perf_counter()
     sr_uid = str(report.SOPInstanceUID)
-    _record_results(ctx, snapshot, results, sr_uid, report_seconds)
+    _record_results(ctx, snapshot, results, sr_uid,
+                    {"sr_build": built - started, "store": stored - built})
     if any(d.key_images for d in ctx.settings.destinations):
-        _store_key_image(ctx, results, evidence, sr_uid)
+        _store_key_image(ctx, results, orthanc_ids, sr_uid)
     item = ctx.worklist.get(study_uid)
     if item is not None and item.inputs == inputs:
         delivery.schedule(ctx.redis, ctx.settings, item)
@@ -180,14 +188,18 @@ def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str,
 
 
 def _store_key_image(ctx: WorkerContext, results: Sequence[ModelResult],
-                     evidence: dict[str, pydicom.Dataset], sr_uid: str) -> None:
-    """Store the burned-in key image of the strongest positive finding, if there is one."""
+                     orthanc_ids: dict[str, str], sr_uid: str) -> None:
+    """Store the burned-in key image of the strongest positive finding, if there is one.
+
+    The analysis kept only headers; the key instance is read again for its pixels.
+    """
     positive = [(f, r.model) for r in results for f in r.findings if f.positive]
     if not positive:
         return
     finding, model = max(positive, key=lambda p: (-(p[0].priority.rank if p[0].priority
                                                      else 9), p[0].probability))
-    image = build_key_image(evidence[finding.key_sop_instance_uid], finding, model, sr_uid)
+    source = ctx.orthanc.instance_dataset(orthanc_ids[finding.key_sop_instance_uid])
+    image = build_key_image(source, finding, model, sr_uid)
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, image, enforce_file_format=True)
     ctx.orthanc.store(buffer.getvalue())
@@ -232,20 +244,10 @@ def _select(packages: Sequence[ModelPackage], snapshot: StudySnapshot
     return chosen, reasons
 
 
-def fetch_series(ctx: WorkerContext, series: SourceSeries) -> list[pydicom.Dataset]:
-    """Download every instance of a series from Orthanc, several at a time."""
-    def fetch(instance_id: str) -> pydicom.Dataset:
-        return pydicom.dcmread(io.BytesIO(ctx.orthanc.instance_file(instance_id)))
-
-    with ThreadPoolExecutor(max_workers=ctx.settings.fetch_threads) as pool:
-        return list(pool.map(fetch, series.instance_ids))
-
-
-def _with_timing(result: ModelResult, name: str, seconds: float) -> ModelResult:
-    timings = {**result.timings, name: seconds}
-    return ModelResult(model=result.model, series_instance_uid=result.series_instance_uid,
-                       input_sop_instance_uids=result.input_sop_instance_uids,
-                       findings=result.findings, timings=timings)
+def load_series(ctx: WorkerContext, package: ModelPackage, series: SourceSeries) -> LoadedSeries:
+    """Download and decode a series for ``package`` (its rescale and input size)."""
+    prep = package.manifest.preprocessing
+    return ctx.loader.load(series.instance_ids, prep.rescale, slice_transform(prep))
 
 
 def _set_status(ctx: WorkerContext, study_uid: str, inputs: str, status: StudyStatus,
@@ -265,7 +267,7 @@ def _record_series(ctx: WorkerContext, snapshot: StudySnapshot, inputs: str) -> 
 
 
 def _record_results(ctx: WorkerContext, snapshot: StudySnapshot, results: list[ModelResult],
-                    sr_uid: str, report_seconds: float) -> None:
+                    sr_uid: str, report_timings: dict[str, float]) -> None:
     findings = [
         FindingItem(code=f.concept.value, scheme=f.concept.scheme, meaning=f.concept.meaning,
                     probability=f.probability, threshold=f.threshold, positive=f.positive,
@@ -279,7 +281,7 @@ def _record_results(ctx: WorkerContext, snapshot: StudySnapshot, results: list[M
                    regulatory_status=r.model.regulatory_status,
                    series_instance_uid=r.series_instance_uid,
                    n_instances=len(r.input_sop_instance_uids),
-                   timings={**r.timings, "report": report_seconds})
+                   timings={**r.timings, **report_timings})
         for r in results
     ]
     raised = [f for f in findings if f.positive and f.priority is not None]

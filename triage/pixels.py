@@ -54,31 +54,61 @@ def decode_series(
 
     ``slice_transform`` is applied to each decoded slice before stacking, so that a resize to
     the model size never holds the full-resolution series in memory at once.
-    Raises InvalidInput, with a reason a radiologist can read, when the series cannot be used.
+    Raises InvalidInput, with a reason a radiologist can read, when the series cannot be used:
+    header problems first, then images of different sizes, then pixel data that does not
+    decode.
     """
     if not datasets:
         raise InvalidInput("no images in the series")
     rescale = Rescale(rescale)
     for ds in datasets:
-        _check_identifiers(ds)
-        _check_decodable(ds)
+        check_instance(ds)
+    check_sizes(datasets)
+    ordered = sort_slices(datasets)
+    return stack_slices(ordered, [decode_frames(ds, rescale, slice_transform)
+                                  for ds in ordered])
+
+
+def check_instance(ds: Dataset) -> None:
+    """The checks of one instance's header that come before any decoding: identifiers, and
+    the declared image against the pixel data actually present."""
+    _check_identifiers(ds)
+    _check_decodable(ds)
+
+
+def check_sizes(datasets: Sequence[Dataset]) -> None:
+    """Every image of a series has the same size."""
     shapes = sorted({(int(ds.Rows), int(ds.Columns)) for ds in datasets})
     if len(shapes) > 1:
         listed = ", ".join(f"{rows}x{cols}" for rows, cols in shapes)
         raise InvalidInput(f"images of different sizes in one series: {listed}")
-    ordered = sort_slices(datasets)
-    slices, instance_uids, class_uids = [], [], []
-    for ds in ordered:
-        # A multi-frame image contributes each of its frames, in stored order.
-        for values in _frames(ds, rescale):
-            slices.append(slice_transform(values) if slice_transform else values)
+
+
+def decode_frames(ds: Dataset, rescale: Rescale,
+                  slice_transform: SliceTransform | None = None) -> list[np.ndarray]:
+    """The frames of one checked instance (``check_instance``), in stored order, each passed
+    through ``slice_transform``."""
+    frames = _frames(ds, rescale)
+    return [slice_transform(values) for values in frames] if slice_transform else frames
+
+
+def stack_slices(ordered: Sequence[Dataset], frames: Sequence[Sequence[np.ndarray]]) -> Volume:
+    """The volume of instances already in patient order, ``frames[i]`` those of
+    ``ordered[i]``; a multi-frame image contributes each of its frames."""
+    count = sum(len(f) for f in frames)
+    if count == 0:
+        raise InvalidInput("no images in the series")
+    first = next(f[0] for f in frames if f)
+    pixels = np.empty((count, *first.shape), dtype=np.float32)
+    instance_uids: list[str] = []
+    class_uids: list[str] = []
+    for ds, instance_frames in zip(ordered, frames, strict=True):
+        for values in instance_frames:
+            pixels[len(instance_uids)] = values
             instance_uids.append(str(ds.SOPInstanceUID))
             class_uids.append(str(ds.SOPClassUID))
-    return Volume(
-        pixels=np.stack(slices).astype(np.float32, copy=False),
-        sop_instance_uids=tuple(instance_uids),
-        sop_class_uids=tuple(class_uids),
-    )
+    return Volume(pixels=pixels, sop_instance_uids=tuple(instance_uids),
+                  sop_class_uids=tuple(class_uids))
 
 
 def sort_slices(datasets: Sequence[Dataset]) -> list[Dataset]:
