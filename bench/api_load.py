@@ -1,18 +1,47 @@
-"""Worklist requests against the API (``triage api``, uvicorn) from concurrent asyncio clients."""
+"""Worklist requests against the API (``triage api``) from ``wrk``, many connections at once.
+
+The load comes from wrk (Debian's package, written in C) rather than from Python: at a
+thousand pages a second, a Python client parsing each 100-item answer would take as much of
+the two cores as the server it measures. wrk reports latencies from its HdrHistogram through
+the Lua ``done`` hook below, as one line of JSON.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import time
+import json
+import random
+import subprocess
+import tempfile
+import threading
 import uuid
 from datetime import timedelta
-
-import httpx
+from pathlib import Path
 
 from triage.priority import PriorityClass
 from triage.worklist import StudyStatus, Worklist, WorklistItem, utcnow
 
 WORKLIST_PATH = "/api/v1/worklist"
+WRK_THREADS = 2
+
+# ``TRIAGE_BENCH_THINK_MS``: each connection waits this long after an answer before its
+# next request (0: back to back).
+_SCRIPT = r"""
+local think = tonumber(os.getenv("TRIAGE_BENCH_THINK_MS") or "0")
+if think > 0 then
+  function delay() return think end
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %d, "duration_us": %d, "bytes": %d, ' ..
+    '"errors": {"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}, ' ..
+    '"latency_us": {"p50": %.1f, "p95": %.1f, "p99": %.1f, "max": %.1f, "mean": %.1f}}\n',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99),
+    latency.max, latency.mean))
+end
+"""
 
 
 def index_studies(worklist: Worklist, target: int) -> int:
@@ -37,44 +66,43 @@ def index_studies(worklist: Worklist, target: int) -> int:
     return added
 
 
-async def _client(http: httpx.AsyncClient, deadline: float, think: float,
-                  latencies: list[float], errors: list[str]) -> None:
-    while time.perf_counter() < deadline:
-        started = time.perf_counter()
-        try:
-            response = await http.get(WORKLIST_PATH)
-            if response.status_code != 200:
-                errors.append(f"HTTP {response.status_code}")
-            else:
-                response.json()
-        except httpx.HTTPError as exc:
-            errors.append(type(exc).__name__)
-        latencies.append(time.perf_counter() - started)
-        if think:
-            await asyncio.sleep(max(0.0, think - (time.perf_counter() - started)))
-
-
-async def _load(base_url: str, token: str, clients: int, seconds: float,
-                think: float) -> dict[str, object]:
-    latencies: list[float] = []
-    errors: list[str] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30.0,
-                                 headers={"Authorization": f"Bearer {token}"}) as http:
-        warm: list[float] = []
-        await _client(http, time.perf_counter() + 1.0, 0.0, warm, errors)
-        errors.clear()
-        started = time.perf_counter()
-        deadline = started + seconds
-        await asyncio.gather(*(_client(http, deadline, think, latencies, errors)
-                               for _ in range(clients)))
-        elapsed = time.perf_counter() - started
-    return {"latencies": latencies, "errors": errors, "seconds": elapsed}
-
-
 def run_load(base_url: str, token: str, *, clients: int, seconds: float,
              think: float = 0.0) -> dict[str, object]:
-    """``clients`` concurrent clients requesting the worklist (first page, default size) for
-    ``seconds``; each waits ``think`` seconds between the starts of its requests (0: back to
-    back). Returns every latency, the errors and the elapsed time."""
-    return asyncio.run(_load(base_url, token, clients, seconds, think))
+    """``clients`` connections requesting the worklist (first page, default size) for
+    ``seconds``; each waits ``think`` seconds after an answer before asking again (0: back
+    to back). Returns wrk's counts, errors and latencies (microseconds)."""
+    with tempfile.TemporaryDirectory() as folder:
+        script = Path(folder) / "worklist.lua"
+        script.write_text(_SCRIPT)
+        argv = ["wrk", f"-t{min(WRK_THREADS, clients)}", f"-c{clients}",
+                f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script),
+                "-H", f"Authorization: Bearer {token}", base_url + WORKLIST_PATH]
+        done = subprocess.run(argv, capture_output=True, text=True, check=True,
+                              env={"TRIAGE_BENCH_THINK_MS": str(round(think * 1000)),
+                                   "PATH": "/usr/bin:/bin"})
+    line = next(x for x in done.stdout.splitlines() if x.startswith('{"requests"'))
+    return json.loads(line)
+
+
+class Changes(threading.Thread):
+    """Changes one indexed study ``per_second`` times a second (its score), so that every
+    page cached before is out of date, as on a busy worklist."""
+
+    def __init__(self, worklist: Worklist, per_second: float) -> None:
+        super().__init__(daemon=True)
+        self.worklist = worklist
+        self.interval = 1.0 / per_second
+        self.stopping = threading.Event()
+        self.count = 0
+
+    def run(self) -> None:
+        uids = [u.decode() for u in self.worklist.redis.zrange("triage:worklist", 0, 499)]
+        while not self.stopping.wait(self.interval):
+            self.worklist.update(random.choice(uids), lambda item: item.model_copy(
+                update={"score": random.random()}))
+            self.count += 1
+
+    def stop(self) -> int:
+        self.stopping.set()
+        self.join()
+        return self.count

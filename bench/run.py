@@ -18,13 +18,15 @@ Results JSON (``latest.json``); every duration is in seconds unless its name say
     sections:
       ttn:         {stable_age, radiograph: TTN, head_ct: TTN}
                    TTN = {target_p95, met, studies, slices,
-                          summary: {ttn|stable_wait|queue_wait|fetch|decode|inference|report|
-                                    other: STATS},
+                          summary: {ttn|stable_wait|queue_wait|fetch|decode|inference|
+                                    sr_build|store|other: STATS},
                           records: [{ttn, stable_wait, ..., other}]}
                    STATS = {n, p50, p95, p99, max, mean}
       efficiency:  {target_ratio, met, ratio, studies, processes,
                     pipeline: {studies_per_second, seconds, mean_parts: {fetch, decode,
-                               inference, report, other}},
+                               inference, sr_build, store, other},
+                               cpu_seconds_per_study: {orthanc, redis, watcher, worker-N,
+                                                       api, bench}},
                     limit: {studies_per_second, seconds, mean_seconds_per_study}}
       urgent_backlog: {target_ratio, met, ratio, backlog, backlog_left_when_stat_analysed,
                        alone: {summary: STATS, records: [...]}, under_backlog: {ttn record}}
@@ -32,8 +34,10 @@ Results JSON (``latest.json``); every duration is in seconds unless its name say
                     alone: INGEST, with_service: INGEST}
                    INGEST = {instances, megabytes, seconds, instances_per_second,
                              megabytes_per_second}
-      api:         {target_p99_ms, met, indexed, clients,
-                    closed_loop: LOAD, paced: LOAD}
+      api:         {target_p99_ms, met, paced_met, under_change_met, indexed, clients,
+                    items_per_page, load_generator,
+                    closed_loop: LOAD + {cpu_ms_per_request: {api, redis}},
+                    paced: LOAD, under_change: LOAD + {changes, changes_per_second}}
                    LOAD = {think_seconds, requests, requests_per_second, errors,
                            error_kinds, latency_ms: STATS}
       memory:      {met, studies, every, growth_limit_percent,
@@ -57,6 +61,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from rq import Queue
 from rq.job import Job
@@ -67,7 +72,6 @@ from bench.measure import (
     TIMING_PARTS,
     MemorySampler,
     breakdown_summary,
-    summary,
     ttn_breakdown,
     wait_analysed,
 )
@@ -78,9 +82,10 @@ from triage.ingest import snapshot_study
 from triage.settings import PROJECT_ROOT
 from triage.tokens import create_token
 from triage.uids import derived_uid
-from triage.worklist import StudyStatus
+from triage.worklist import DEFAULT_PAGE_SIZE, StudyStatus, WorklistPage
 
 DEFAULT_OUTPUT = PROJECT_ROOT / "bench" / "results"
+SECTIONS = frozenset({"ingest", "ttn", "efficiency", "urgent_backlog", "memory", "api"})
 MEMORY_GROWTH_LIMIT_PERCENT = 5.0
 
 
@@ -101,12 +106,14 @@ class Config:
     api_seconds: float = 30.0
     api_paced_seconds: float = 20.0
     api_think_seconds: float = 1.0
+    api_changes_per_second: float = 20.0
 
 
 SMOKE = Config(stable_age=1, ttn_radiographs=2, ttn_head_cts=1, ct_slices=10,
                efficiency_studies=4, stat_alone=1, backlog=5, memory_studies=10,
                memory_every=5, ingest_series=1, api_indexed=200, api_clients=5,
-               api_seconds=2.0, api_paced_seconds=2.0, api_think_seconds=0.5)
+               api_seconds=2.0, api_paced_seconds=2.0, api_think_seconds=0.5,
+               api_changes_per_second=5.0)
 
 
 def study_uid(key: str) -> str:
@@ -198,8 +205,10 @@ class Bench:
         keys = [self.key("efficiency", n) for n in range(c.efficiency_studies)]
         self.send_queued(keys, lambda key, n: radiograph(self.files, key, n))
         self.stack.start_workers()
+        cpu_before = self.stack.cpu_by_process()
         uids = [study_uid(k) for k in keys]
         wait_analysed(self.stack.worklist, uids, self.timeout(len(uids)), self.alive)
+        cpu_after = self.stack.cpu_by_process()
         items = [self.stack.worklist.get(u) for u in uids]
         starts, ends, parts = [], [], {name: [] for name in (*TIMING_PARTS, "other")}
         for item in items:
@@ -215,7 +224,11 @@ class Bench:
             parts["other"].append(ends[-1] - started - sum(timings.values()))
         seconds = max(ends) - min(starts)
         pipeline = {"studies_per_second": len(uids) / seconds, "seconds": seconds,
-                    "mean_parts": {n: float(np.mean(v)) for n, v in parts.items()}}
+                    "mean_parts": {n: float(np.mean(v)) for n, v in parts.items()},
+                    # Where the CPU went while the studies were analysed, per study.
+                    "cpu_seconds_per_study": {
+                        name: (cpu_after[name] - cpu_before.get(name, 0.0)) / len(uids)
+                        for name in cpu_after}}
         assert self.stack.orthanc is not None
         instance_ids = [list(snapshot_study(self.stack.orthanc, item.orthanc_id)
                              .series[0].instance_ids) for item in items if item is not None]
@@ -275,75 +288,115 @@ class Bench:
         indexed = api_load.index_studies(self.stack.worklist, c.api_indexed)
         token = create_token(self.redis, role="radiologist", owner="bench", days=1)
         base = f"http://127.0.0.1:{self.stack.settings.api_port}"
-        loads = {
-            "closed_loop": api_load.run_load(base, token, clients=c.api_clients,
-                                             seconds=c.api_seconds),
-            "paced": api_load.run_load(base, token, clients=c.api_clients,
-                                       seconds=c.api_paced_seconds, think=c.api_think_seconds),
+        shown = self._check_worklist_answer(base, token)
+        api_load.run_load(base, token, clients=c.api_clients, seconds=1)  # warm-up
+        cpu_before = self.stack.cpu_by_process()
+        closed = api_load.run_load(base, token, clients=c.api_clients, seconds=c.api_seconds)
+        cpu_after = self.stack.cpu_by_process()
+        paced = api_load.run_load(base, token, clients=c.api_clients,
+                                  seconds=c.api_paced_seconds, think=c.api_think_seconds)
+        changes = api_load.Changes(self.stack.worklist, c.api_changes_per_second)
+        changes.start()
+        changing = api_load.run_load(base, token, clients=c.api_clients,
+                                     seconds=c.api_seconds)
+        changed = changes.stop()
+        out: dict[str, Any] = {
+            "target_p99_ms": 50.0, "indexed": int(self.redis.zcard("triage:worklist")),
+            "added": indexed, "clients": c.api_clients, "items_per_page": shown,
+            "request": f"GET {api_load.WORKLIST_PATH} (first page, default size)",
+            "load_generator": f"wrk, {api_load.WRK_THREADS} threads",
+            "closed_loop": _load_result(closed, 0.0),
+            "paced": _load_result(paced, c.api_think_seconds),
+            "under_change": {**_load_result(changing, 0.0), "changes": changed,
+                             "changes_per_second": c.api_changes_per_second},
         }
-        out: dict[str, Any] = {"target_p99_ms": 50.0, "indexed": int(
-            self.redis.zcard("triage:worklist")), "added": indexed, "clients": c.api_clients,
-            "request": f"GET {api_load.WORKLIST_PATH} (first page, default size)"}
-        for name, load in loads.items():
-            latencies = [x * 1000 for x in load["latencies"]]
-            errors = load["errors"]
-            kinds: dict[str, int] = {}
-            for error in errors:
-                kinds[error] = kinds.get(error, 0) + 1
-            out[name] = {"think_seconds": c.api_think_seconds if name == "paced" else 0.0,
-                         "requests": len(latencies),
-                         "requests_per_second": len(latencies) / load["seconds"],
-                         "errors": len(errors), "error_kinds": kinds,
-                         "latency_ms": summary(latencies)}
-        out["met"] = (out["closed_loop"]["latency_ms"]["p99"] <= 50.0
-                      and out["closed_loop"]["errors"] == 0)
-        out["paced_met"] = (out["paced"]["latency_ms"]["p99"] <= 50.0
-                            and out["paced"]["errors"] == 0)
+        requests = max(1, closed["requests"])
+        out["closed_loop"]["cpu_ms_per_request"] = {
+            name: (cpu_after[name] - cpu_before.get(name, 0.0)) * 1000 / requests
+            for name in ("api", "redis") if name in cpu_after}
+        for name, key in (("closed_loop", "met"), ("paced", "paced_met"),
+                          ("under_change", "under_change_met")):
+            out[key] = out[name]["latency_ms"]["p99"] <= 50.0 and out[name]["errors"] == 0
         return out
+
+    def _check_worklist_answer(self, base: str, token: str) -> int:
+        """One request checked in full before the load: 200, a valid page, a full page."""
+        answer = httpx.get(base + api_load.WORKLIST_PATH, timeout=30,
+                           headers={"Authorization": f"Bearer {token}"})
+        answer.raise_for_status()
+        page = WorklistPage.model_validate_json(answer.content)
+        if len(page.items) != min(DEFAULT_PAGE_SIZE, page.total):
+            raise RuntimeError(f"worklist answered {len(page.items)} items of {page.total}")
+        return len(page.items)
 
     # -- the whole run ---------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self, only: frozenset[str] = SECTIONS) -> dict[str, Any]:
+        """Every section in ``only`` (all by default), in the order they must run."""
         c = self.config
         sections: dict[str, Any] = {}
         self.stack.start_servers()
         try:
-            alone = self.ingest("alone")
-            self.stack.delete_all_studies()
-            self.stack.start_service()
-            with_service = self.ingest("service")
-            uids = [study_uid(self.key("ingest-service", n)) for n in range(c.ingest_series)]
-            wait_analysed(self.stack.worklist, uids, self.timeout(c.ct_slices * len(uids)),
-                          self.alive)
-            self.stack.delete_all_studies()
-            ratio = with_service["instances_per_second"] / alone["instances_per_second"]
-            sections["ingest"] = {"target_ratio": 0.9, "met": ratio >= 0.9, "ratio": ratio,
-                                  "series": c.ingest_series, "slices_per_series": c.ct_slices,
-                                  "alone": alone, "with_service": with_service}
-            age = c.stable_age
-            sections["ttn"] = {
-                "stable_age": age,
-                "radiograph": self.ttn("ttn-cr", c.ttn_radiographs,
-                                       lambda key, n: radiograph(self.files, key, n), age + 1.0),
-                "head_ct": {**self.ttn("ttn-ct", c.ttn_head_cts,
-                                       lambda key, n: head_ct(self.files, key, c.ct_slices),
-                                       age + 3.0), "slices": c.ct_slices},
-            }
-            self.stack.delete_all_studies()
-            sections["efficiency"] = self.efficiency()
-            backlog, memory = self.urgent_backlog_and_memory()
-            sections["urgent_backlog"] = backlog
-            sections["memory"] = memory
-            sections["api"] = self.api()
+            if "ingest" in only:
+                sections["ingest"] = self.ingest_section()
+            else:
+                self.stack.start_service()
+            if "ttn" in only:
+                age = c.stable_age
+                sections["ttn"] = {
+                    "stable_age": age,
+                    "radiograph": self.ttn("ttn-cr", c.ttn_radiographs,
+                                           lambda key, n: radiograph(self.files, key, n),
+                                           age + 1.0),
+                    "head_ct": {**self.ttn("ttn-ct", c.ttn_head_cts,
+                                           lambda key, n: head_ct(self.files, key, c.ct_slices),
+                                           age + 3.0), "slices": c.ct_slices},
+                }
+                self.stack.delete_all_studies()
+            if "efficiency" in only:
+                sections["efficiency"] = self.efficiency()
+            if only & {"urgent_backlog", "memory"}:
+                sections["urgent_backlog"], sections["memory"] = (
+                    self.urgent_backlog_and_memory())
+            if "api" in only:
+                sections["api"] = self.api()
             versions = self._versions()
         finally:
             self.stack.stop()
         return {"sections": sections, "versions": versions}
 
+    def ingest_section(self) -> dict[str, Any]:
+        """Orthanc alone, then with the service started (which it leaves running)."""
+        c = self.config
+        alone = self.ingest("alone")
+        self.stack.delete_all_studies()
+        self.stack.start_service()
+        with_service = self.ingest("service")
+        uids = [study_uid(self.key("ingest-service", n)) for n in range(c.ingest_series)]
+        wait_analysed(self.stack.worklist, uids, self.timeout(c.ct_slices * len(uids)),
+                      self.alive)
+        self.stack.delete_all_studies()
+        ratio = with_service["instances_per_second"] / alone["instances_per_second"]
+        return {"target_ratio": 0.9, "met": ratio >= 0.9, "ratio": ratio,
+                "series": c.ingest_series, "slices_per_series": c.ct_slices,
+                "alone": alone, "with_service": with_service}
+
     def _versions(self) -> dict[str, str]:
         assert self.stack.orthanc is not None and self.redis is not None
         return {"orthanc": str(self.stack.orthanc.system().get("Version", "")),
                 "redis": str(self.redis.info("server").get("redis_version", ""))}
+
+
+def _load_result(load: dict[str, Any], think: float) -> dict[str, Any]:
+    """wrk's numbers in the results' terms (milliseconds, errors by kind)."""
+    kinds = {kind: n for kind, n in load["errors"].items() if n}
+    latency = load["latency_us"]
+    return {"think_seconds": think, "requests": load["requests"],
+            "requests_per_second": load["requests"] / (load["duration_us"] / 1e6),
+            "errors": sum(kinds.values()), "error_kinds": kinds,
+            "latency_ms": {"n": load["requests"],
+                           **{k: latency[k] / 1000 for k in ("p50", "p95", "p99", "max",
+                                                              "mean")}}}
 
 
 def memory_result(sampler: MemorySampler, config: Config) -> dict[str, Any]:
@@ -394,6 +447,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _headline(sections: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a partial run worth printing (no per-study records or samples)."""
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in ("records", "samples")}
+        return value
+
+    return strip(sections)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split(
         "\n\n")[0])
@@ -402,14 +465,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for latest.json, summary.md and the plots")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary data directory (logs, Orthanc, Redis)")
+    parser.add_argument("--only", default="", metavar="SECTION[,SECTION]",
+                        help="run only these sections (" + ", ".join(sorted(SECTIONS)) + "); "
+                        "writes partial.json instead of the full results")
     args = parser.parse_args(argv)
+    only = frozenset(filter(None, args.only.split(","))) or SECTIONS
+    if only - SECTIONS:
+        parser.error(f"unknown sections: {', '.join(sorted(only - SECTIONS))}")
     config = SMOKE if args.smoke else Config()
     work = Path(tempfile.mkdtemp(prefix="triage-bench-"))
     started = datetime.now(UTC)
     ok = False
     try:
         bench = Bench(config, work)
-        outcome = bench.run()
+        outcome = bench.run(only)
         ok = True
     finally:
         if ok and not args.keep:
@@ -423,6 +492,10 @@ def main(argv: list[str] | None = None) -> int:
         "config": asdict(config), "models": bench.models, "sections": outcome["sections"],
     }
     args.output.mkdir(parents=True, exist_ok=True)
+    if only != SECTIONS:
+        (args.output / "partial.json").write_text(json.dumps(results, indent=2, default=str))
+        print(json.dumps(_headline(results["sections"]), indent=2, default=str))
+        return 0
     (args.output / "latest.json").write_text(json.dumps(results, indent=2, default=str))
     report.write(results, args.output)
     print((args.output / "summary.md").read_text())

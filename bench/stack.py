@@ -130,6 +130,18 @@ class BenchStack:
         while Worker.all(connection=self.redis) and time.monotonic() < deadline:
             time.sleep(0.1)
 
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds used so far by each server and service process (with its children,
+        e.g. RQ's scheduler), and by this benchmark process itself."""
+        from bench.measure import cpu_seconds
+
+        used = {p.name: cpu_seconds(p.pid) for p in [*self.servers, self.watcher,
+                                                     *self.workers, self.api]
+                if p.pid is not None and p.alive()}
+        times = os.times()
+        used["bench"] = times.user + times.system
+        return used
+
     def worker_pids(self) -> list[int]:
         return [w.pid for w in self.workers if w.pid is not None and w.alive()]
 

@@ -7,6 +7,7 @@ packages=(
   orthanc orthanc-dicomweb orthanc-gdcm   # the DICOM store, DICOMweb and JPEG 2000 decoding
   redis-server                           # queues and the worklist index
   dcmtk                                  # storescu to send studies, dsrdump to read SRs
+  wrk                                    # HTTP load in the benchmark (make bench)
   libpixelmed-java default-jre-headless  # Pixelmed's TID 1500 validator in the tests
   make
 )

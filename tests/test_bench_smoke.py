@@ -61,9 +61,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert s["urgent_backlog"]["under_backlog"]["ttn"] > 0
     for mode in ("alone", "with_service"):
         assert s["ingest"][mode]["instances_per_second"] > 0
-    for load in ("closed_loop", "paced"):
+    for load in ("closed_loop", "paced", "under_change"):
         _stats(s["api"][load]["latency_ms"])
         assert s["api"][load]["errors"] == 0
+        assert s["api"][load]["requests"] > 0
+    assert s["api"]["under_change"]["changes"] > 0
+    assert s["api"]["items_per_page"] > 0
+    assert all(_number(v) and v >= 0
+               for v in s["efficiency"]["pipeline"]["cpu_seconds_per_study"].values())
     assert s["api"]["indexed"] >= results["config"]["api_indexed"]
     memory = s["memory"]
     assert len(memory["samples"]) >= 2 and memory["workers"]

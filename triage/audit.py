@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from typing import Any, cast
@@ -68,25 +70,94 @@ def record(connection: redis.Redis, *, actor: str, action: AuditAction, source: 
            role: str | None = None, study_instance_uid: str | None = None,
            details: dict[str, Any] | None = None) -> AuditRecord:
     """Append one record; concurrent writers are serialised on the head pointer."""
-    written: AuditRecord | None = None
+    [written] = _append(connection, [dict(
+        actor=actor, role=role, source=source, action=action,
+        study_instance_uid=study_instance_uid, details=details or {})])
+    return written
+
+
+def _append(connection: redis.Redis, entries: list[dict[str, Any]]) -> list[AuditRecord]:
+    """Append ``entries`` (AuditRecord fields) as consecutive records, in one transaction
+    on the head pointer: another writer in between makes it start again from the new head."""
+    written: list[AuditRecord] = []
 
     def append(pipe: redis.client.Pipeline) -> None:
-        nonlocal written
         head = pipe.get(HEAD_KEY)
         seq, prev = (json.loads(head)["seq"] + 1, json.loads(head)["hash"]) if head else (
             1, GENESIS)
-        entry = AuditRecord(seq=seq, at=utcnow(), actor=actor, role=role, source=source,
-                            action=action, study_instance_uid=study_instance_uid,
-                            details=details or {}, prev_hash=prev)
-        entry.hash = entry.digest()
+        chained = []
+        for fields in entries:
+            entry = AuditRecord(seq=seq, at=utcnow(), prev_hash=prev, **fields)
+            entry.hash = entry.digest()
+            chained.append(entry)
+            seq, prev = seq + 1, entry.hash
         pipe.multi()
-        pipe.rpush(AUDIT_KEY, entry.model_dump_json())
-        pipe.set(HEAD_KEY, json.dumps({"seq": entry.seq, "hash": entry.hash}))
-        written = entry
+        pipe.rpush(AUDIT_KEY, *(entry.model_dump_json() for entry in chained))
+        pipe.set(HEAD_KEY, json.dumps({"seq": chained[-1].seq, "hash": chained[-1].hash}))
+        written[:] = chained
 
     connection.transaction(append, HEAD_KEY)
-    assert written is not None
     return written
+
+
+class AuditWriter:
+    """Appends the records of the many threads of one process (the API), several at a time.
+
+    Each caller returns only once its own record is stored: nothing is answered before it
+    is audited. Records that arrive while an append is under way are appended together by
+    the next one, so under load the chain head is read and written once per batch rather
+    than once per record, and the threads of one process never retry against each other.
+    """
+
+    def __init__(self, connection: redis.Redis) -> None:
+        self.connection = connection
+        self._pending: list[_Ticket] = []
+        self._busy = False
+        self._changed = threading.Condition()
+
+    def record(self, *, actor: str, action: AuditAction, source: str, role: str | None = None,
+               study_instance_uid: str | None = None,
+               details: dict[str, Any] | None = None) -> AuditRecord:
+        """Append one record (as ``record``), together with any others waiting."""
+        ticket = _Ticket(dict(actor=actor, role=role, source=source, action=action,
+                              study_instance_uid=study_instance_uid, details=details or {}))
+        with self._changed:
+            self._pending.append(ticket)
+            while not ticket.done:
+                if self._busy:
+                    self._changed.wait()
+                    continue
+                self._busy = True
+                batch, self._pending = self._pending, []
+                self._changed.release()
+                try:
+                    self._write(batch)
+                finally:
+                    self._changed.acquire()
+                    self._busy = False
+                    self._changed.notify_all()
+        if ticket.error is not None:
+            raise ticket.error
+        assert ticket.written is not None
+        return ticket.written
+
+    def _write(self, batch: list[_Ticket]) -> None:
+        try:
+            written = _append(self.connection, [t.fields for t in batch])
+        except Exception as exc:  # every waiting caller gets the error, not only this one
+            for ticket in batch:
+                ticket.error, ticket.done = exc, True
+            return
+        for ticket, entry in zip(batch, written, strict=True):
+            ticket.written, ticket.done = entry, True
+
+
+@dataclass
+class _Ticket:
+    fields: dict[str, Any]
+    written: AuditRecord | None = None
+    error: Exception | None = None
+    done: bool = False
 
 
 def records(connection: redis.Redis, batch: int = 1000) -> Iterator[tuple[int, bytes]]:

@@ -23,6 +23,11 @@ KEY_PREFIX = "triage"
 WORKLIST_KEY = f"{KEY_PREFIX}:worklist"
 EVENTS_CHANNEL = f"{KEY_PREFIX}:events"
 CLAIMS_KEY = f"{KEY_PREFIX}:claims"
+# Every change to any item increments the version; the epoch is set by the first write after
+# Redis was emptied, so that a version number counted again from 1 is never taken for an
+# old one (``Worklist.version``).
+VERSION_KEY = f"{KEY_PREFIX}:worklist:version"
+EPOCH_KEY = f"{KEY_PREFIX}:worklist:epoch"
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 # Worklist order key: priority rank first, arrival second (milliseconds fit below 1e13).
@@ -199,6 +204,8 @@ def _write(pipe: redis.client.Pipeline, old: WorklistItem | None, new: WorklistI
         pipe.zadd(CLAIMS_KEY, {uid: new.claim_expires_at.timestamp()})
     else:
         pipe.zrem(CLAIMS_KEY, uid)
+    pipe.incr(VERSION_KEY)
+    pipe.set(EPOCH_KEY, uuid.uuid4().hex, nx=True)
 
 
 class WorklistQuery(BaseModel):
@@ -372,6 +379,23 @@ class Worklist:
         items = [WorklistItem.model_validate_json(r) for r in raws if r]
         return WorklistPage(items=items, total=total, counts=by_class)
 
+    def version(self, now: datetime) -> str | None:
+        """A token that changes whenever any item changes; ``None`` before the first write.
+
+        Claims that expired by ``now`` are released first (a release is a change), as
+        ``query`` does, so that a page computed at this version is still the right answer.
+        """
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(CLAIMS_KEY, 0, now.timestamp(), start=0, num=1)
+            pipe.mget([EPOCH_KEY, VERSION_KEY])
+            expired, (epoch, version) = pipe.execute()
+        if expired:
+            self.release_expired_claims(now)
+            epoch, version = self.redis.mget([EPOCH_KEY, VERSION_KEY])
+        if epoch is None or version is None:
+            return None
+        return f"{epoch.decode()}:{int(version)}"
+
     def query_counts(self) -> dict[str, int]:
         """Studies per priority class."""
         return self.query(WorklistQuery(), limit=1).counts
@@ -381,6 +405,13 @@ class Worklist:
         uids = cast(set[bytes], self.redis.smembers(_facet_key(facet)))
         raws = self.redis.mget([_item_key(u.decode()) for u in uids]) if uids else []
         return [WorklistItem.model_validate_json(r) for r in raws if r]
+
+    def in_facet(self, facet: str, study_instance_uids: list[str]) -> list[bool]:
+        """Whether each study has one index entry, e.g. ``status:analysed``, in one call."""
+        if not study_instance_uids:
+            return []
+        found = self.redis.smismember(_facet_key(facet), study_instance_uids)
+        return [bool(f) for f in cast(list[int], found)]
 
     def count_facet(self, facet: str) -> int:
         return int(self.redis.scard(_facet_key(facet)))

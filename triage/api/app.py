@@ -12,8 +12,11 @@ from fastapi.responses import HTMLResponse
 from triage import __version__
 from triage.api.routes import admin, health, integration, studies, worklist
 from triage.api.security import RequestSizeLimit, SecurityHeaders
+from triage.audit import AuditWriter
 from triage.oidc import OidcValidator
+from triage.pagecache import PageCache
 from triage.settings import Settings, get_settings
+from triage.worklist import Worklist
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -25,6 +28,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.redis = redis.Redis.from_url(settings.redis_connection_url)
+    app.state.audit = AuditWriter(app.state.redis)
+    app.state.pages = PageCache(Worklist(app.state.redis))
     app.state.oidc = OidcValidator(settings) if settings.oidc_issuer else None
     app.add_middleware(RequestSizeLimit, limit=settings.max_request_bytes)
     if settings.cors_origins:

@@ -9,7 +9,8 @@ import redis
 from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from triage.audit import AuditAction, record
+from triage.audit import AuditAction
+from triage.pagecache import PageCache
 from triage.settings import Settings
 from triage.tokens import Role, TokenRecord, verify_token
 from triage.worklist import Worklist
@@ -34,6 +35,13 @@ def get_worklist(connection: RedisDep) -> Worklist:
 
 
 WorklistDep = Annotated[Worklist, Depends(get_worklist)]
+
+
+def get_pages(request: Request) -> PageCache:
+    return request.app.state.pages
+
+
+PagesDep = Annotated[PageCache, Depends(get_pages)]
 
 
 # Failed authentications are counted per client address over this window.
@@ -113,7 +121,7 @@ StreamReaderDep = Annotated[TokenRecord, Depends(_require(stream_user, (Role.RAD
 
 def audit(request: Request, user: TokenRecord, action: AuditAction, *,
           study_instance_uid: str | None = None, details: dict[str, Any] | None = None) -> None:
-    """Record in the audit trail what ``user`` did, from where."""
-    record(request.app.state.redis, actor=user.owner, role=user.role.value,
-           source=client_address(request), action=action,
-           study_instance_uid=study_instance_uid, details=details)
+    """Record in the audit trail what ``user`` did, from where (before the answer is sent)."""
+    request.app.state.audit.record(actor=user.owner, role=user.role.value,
+                                   source=client_address(request), action=action,
+                                   study_instance_uid=study_instance_uid, details=details)

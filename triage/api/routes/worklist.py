@@ -10,9 +10,9 @@ from typing import Annotated
 
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
-from triage.api.deps import ReaderDep, SettingsDep, StreamReaderDep, WorklistDep, audit
+from triage.api.deps import PagesDep, ReaderDep, SettingsDep, StreamReaderDep, audit
 from triage.audit import AuditAction
 from triage.priority import PriorityClass
 from triage.worklist import (
@@ -33,7 +33,7 @@ KEEPALIVE_SECONDS = 15.0
 def worklist(
     request: Request,
     user: ReaderDep,
-    worklist: WorklistDep,
+    pages: PagesDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
     offset: Annotated[int, Query(ge=0)] = 0,
     status: StudyStatus | None = None,
@@ -45,17 +45,18 @@ def worklist(
     read: bool | None = None,
     received_from: datetime | None = None,
     received_to: datetime | None = None,
-) -> WorklistPage:
+) -> Response:
     """Studies by priority class (critical, urgent, routine), then by arrival, with the
     number of matching studies per class."""
     query = WorklistQuery(status=status, priority=priority, modality=modality, model=model,
                           finding=finding, claimed_by=claimed_by, read=read,
                           received_from=received_from, received_to=received_to)
-    page = worklist.query(query, limit=limit, offset=offset)
+    # Encoded once per worklist version and shared by every reader (triage.pagecache).
+    page = pages.get(query, limit=limit, offset=offset)
     audit(request, user, AuditAction.WORKLIST_VIEWED, details={
         "filters": query.model_dump(mode="json", exclude_none=True),
-        "offset": offset, "shown": len(page.items)})
-    return page
+        "offset": offset, "shown": page.shown})
+    return Response(content=page.body, media_type="application/json")
 
 
 @router.get("/worklist/events", response_class=StreamingResponse,

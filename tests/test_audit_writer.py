@@ -1,0 +1,57 @@
+"""The API's audit writer: many threads, one intact chain, each caller its own record."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from pydantic_core import PydanticSerializationError
+
+from tests.conftest import Servers
+from triage.audit import AuditAction, AuditWriter, record, records, verify
+
+pytestmark = pytest.mark.servers
+
+
+def test_concurrent_records_form_one_intact_chain(clean_servers: Servers) -> None:
+    writer = AuditWriter(clean_servers.redis)
+    written: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def view(n: int) -> None:
+        for k in range(20):
+            entry = writer.record(actor=f"user-{n}", role="radiologist", source="127.0.0.1",
+                                  action=AuditAction.WORKLIST_VIEWED, details={"k": k})
+            assert entry.actor == f"user-{n}" and entry.details == {"k": k}
+            with lock:
+                written.append((entry.actor, entry.seq))
+
+    # Another process's writer (a worker) appends at the same time.
+    def worker() -> None:
+        for _ in range(20):
+            record(clean_servers.redis, actor="worker", source="host:1",
+                   action=AuditAction.RESULT_PRODUCED)
+
+    threads = [threading.Thread(target=view, args=(n,)) for n in range(16)]
+    threads.append(threading.Thread(target=worker))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    result = verify(clean_servers.redis)
+    assert result.ok, result.problem
+    assert result.records == 16 * 20 + 20
+    assert len({seq for _, seq in written}) == len(written) == 16 * 20  # one record each
+    stored = [raw for _, raw in records(clean_servers.redis)]
+    assert len(stored) == result.records
+
+
+def test_a_failed_append_is_raised_to_its_caller(clean_servers: Servers) -> None:
+    writer = AuditWriter(clean_servers.redis)
+    with pytest.raises(PydanticSerializationError):
+        writer.record(actor="x", source="y", action=AuditAction.WORKLIST_VIEWED,
+                      details={"not json": object()})
+    # The writer carries on.
+    assert writer.record(actor="x", source="y", action=AuditAction.WORKLIST_VIEWED).seq >= 1
+    assert verify(clean_servers.redis).ok
