@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
 from pydantic_core import PydanticSerializationError
 
 from tests.conftest import Servers
-from triage.audit import AuditAction, AuditWriter, record, records, verify
+from triage.api.deps import LoopRedis
+from triage.audit import (
+    AsyncAuditWriter,
+    AuditAction,
+    AuditWriter,
+    record,
+    records,
+    verify,
+)
 
 pytestmark = pytest.mark.servers
 
@@ -55,3 +64,21 @@ def test_a_failed_append_is_raised_to_its_caller(clean_servers: Servers) -> None
     # The writer carries on.
     assert writer.record(actor="x", source="y", action=AuditAction.WORKLIST_VIEWED).seq >= 1
     assert verify(clean_servers.redis).ok
+
+
+def test_concurrent_async_records_form_one_intact_chain(clean_servers: Servers) -> None:
+    writer = AsyncAuditWriter(LoopRedis(clean_servers.settings.redis_connection_url))
+
+    async def views() -> list[int]:
+        async def one(n: int) -> int:
+            entry = await writer.record(actor=f"user-{n}", source="127.0.0.1",
+                                        action=AuditAction.WORKLIST_VIEWED, details={"n": n})
+            assert entry.details == {"n": n}
+            return entry.seq
+
+        return await asyncio.gather(*(one(n) for n in range(200)))
+
+    seqs = asyncio.run(views())
+    assert sorted(seqs) == list(range(1, 201))  # each caller got its own record
+    result = verify(clean_servers.redis)
+    assert result.ok and result.records == 200

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -11,6 +14,7 @@ from fastapi.testclient import TestClient
 from tests.conftest import Servers
 from tests.test_api import auth, make_item
 from triage.api.app import create_app
+from triage.api.deps import LoopRedis
 from triage.pagecache import PageCache
 from triage.priority import PriorityClass
 from triage.worklist import StudyStatus, Worklist, WorklistQuery, utcnow
@@ -23,34 +27,44 @@ def _fresh(worklist: Worklist, query: WorklistQuery, limit: int = 100,
     return json.loads(worklist.query(query, limit=limit, offset=offset).model_dump_json())
 
 
+def _run(servers: Servers, check: Callable[[PageCache], Awaitable[Any]]) -> None:
+    """Run ``check`` with a page cache on one event loop, as the API does."""
+    cache = PageCache(Worklist(servers.redis),
+                      LoopRedis(servers.settings.redis_connection_url))
+    asyncio.run(check(cache))
+
+
 def test_cached_pages_are_the_fresh_answer_after_every_change(clean_servers: Servers) -> None:
     worklist = Worklist(clean_servers.redis)
     for n in range(30):
         worklist.put(make_item(n, (PriorityClass.ROUTINE, PriorityClass.CRITICAL)[n % 2], n))
-    cache = PageCache(worklist)
+    _run(clean_servers, lambda cache: _pages_follow_changes(cache, worklist))
+
+
+async def _pages_follow_changes(cache: PageCache, worklist: Worklist) -> None:
     queries = [(WorklistQuery(), 10, 0), (WorklistQuery(), 10, 10),
                (WorklistQuery(priority=PriorityClass.CRITICAL), 5, 0),
                (WorklistQuery(status=StudyStatus.ANALYSED, modality="CT"), 100, 0)]
     for query, limit, offset in queries:
-        page = cache.get(query, limit=limit, offset=offset)
+        page = await cache.get(query, limit=limit, offset=offset)
         assert json.loads(page.body) == _fresh(worklist, query, limit, offset)
         assert page.shown == len(json.loads(page.body)["items"])
-        assert cache.get(query, limit=limit, offset=offset) is page  # served from memory
+        assert await cache.get(query, limit=limit, offset=offset) is page  # from memory
     hits = cache.hits
 
     # Any change to any item is seen by the very next request.
     worklist.update("1.2.3.4", lambda item: item.model_copy(update={
         "priority": PriorityClass.CRITICAL, "status": StudyStatus.FAILED}))
     for query, limit, offset in queries:
-        assert json.loads(cache.get(query, limit=limit, offset=offset).body) == _fresh(
-            worklist, query, limit, offset)
+        page = await cache.get(query, limit=limit, offset=offset)
+        assert json.loads(page.body) == _fresh(worklist, query, limit, offset)
     assert cache.hits == hits
 
     # A claim that expired is released as a fresh query would release it.
     expired = utcnow() - timedelta(seconds=1)
     worklist.update("1.2.3.1", lambda item: item.model_copy(update={
         "claimed_by": "dr-a", "claim_expires_at": expired}))
-    body = json.loads(cache.get(WorklistQuery(), limit=100, offset=0).body)
+    body = json.loads((await cache.get(WorklistQuery(), limit=100, offset=0)).body)
     [item] = [i for i in body["items"] if i["study_instance_uid"] == "1.2.3.1"]
     assert item["claimed_by"] is None
 
@@ -59,16 +73,19 @@ def test_an_emptied_redis_never_serves_an_old_page(clean_servers: Servers) -> No
     """Version numbers count again from 1 after Redis is emptied; the epoch tells them apart."""
     worklist = Worklist(clean_servers.redis)
     worklist.put(make_item(1, PriorityClass.ROUTINE, 1))
-    cache = PageCache(worklist)
-    before = cache.get(WorklistQuery(), limit=10, offset=0)
-    version = worklist.version(utcnow())
-    clean_servers.redis.flushall()
-    assert worklist.version(utcnow()) is None
-    worklist.put(make_item(2, PriorityClass.ROUTINE, 1))  # version 1 again
-    assert worklist.version(utcnow()) != version
-    after = json.loads(cache.get(WorklistQuery(), limit=10, offset=0).body)
-    assert after != json.loads(before.body)
-    assert [i["study_instance_uid"] for i in after["items"]] == ["1.2.3.2"]
+
+    async def check(cache: PageCache) -> None:
+        before = await cache.get(WorklistQuery(), limit=10, offset=0)
+        version = worklist.version(utcnow())
+        clean_servers.redis.flushall()
+        assert worklist.version(utcnow()) is None
+        worklist.put(make_item(2, PriorityClass.ROUTINE, 1))  # version 1 again
+        assert worklist.version(utcnow()) != version
+        after = json.loads((await cache.get(WorklistQuery(), limit=10, offset=0)).body)
+        assert after != json.loads(before.body)
+        assert [i["study_instance_uid"] for i in after["items"]] == ["1.2.3.2"]
+
+    _run(clean_servers, check)
 
 
 def test_the_worklist_route_answers_the_page_and_audits_each_view(

@@ -8,16 +8,18 @@ never by patient.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from typing import Any, cast
 
 import redis
+import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
 from triage.worklist import KEY_PREFIX, utcnow
@@ -76,28 +78,52 @@ def record(connection: redis.Redis, *, actor: str, action: AuditAction, source: 
     return written
 
 
+def _chain(head: bytes | str | None, entries: list[dict[str, Any]]
+           ) -> tuple[list[AuditRecord], str]:
+    """``entries`` (AuditRecord fields) as records following the chain head ``head``, and
+    the new head."""
+    seq, prev = (json.loads(head)["seq"] + 1, json.loads(head)["hash"]) if head else (
+        1, GENESIS)
+    chained = []
+    for fields in entries:
+        entry = AuditRecord(seq=seq, at=utcnow(), prev_hash=prev, **fields)
+        entry.hash = entry.digest()
+        chained.append(entry)
+        seq, prev = seq + 1, entry.hash
+    return chained, json.dumps({"seq": chained[-1].seq, "hash": chained[-1].hash})
+
+
 def _append(connection: redis.Redis, entries: list[dict[str, Any]]) -> list[AuditRecord]:
     """Append ``entries`` (AuditRecord fields) as consecutive records, in one transaction
     on the head pointer: another writer in between makes it start again from the new head."""
     written: list[AuditRecord] = []
 
     def append(pipe: redis.client.Pipeline) -> None:
-        head = pipe.get(HEAD_KEY)
-        seq, prev = (json.loads(head)["seq"] + 1, json.loads(head)["hash"]) if head else (
-            1, GENESIS)
-        chained = []
-        for fields in entries:
-            entry = AuditRecord(seq=seq, at=utcnow(), prev_hash=prev, **fields)
-            entry.hash = entry.digest()
-            chained.append(entry)
-            seq, prev = seq + 1, entry.hash
+        chained, head = _chain(pipe.get(HEAD_KEY), entries)
         pipe.multi()
         pipe.rpush(AUDIT_KEY, *(entry.model_dump_json() for entry in chained))
-        pipe.set(HEAD_KEY, json.dumps({"seq": chained[-1].seq, "hash": chained[-1].hash}))
+        pipe.set(HEAD_KEY, head)
         written[:] = chained
 
     connection.transaction(append, HEAD_KEY)
     return written
+
+
+async def _append_async(connection: aioredis.Redis, entries: list[dict[str, Any]]
+                        ) -> list[AuditRecord]:
+    """``_append`` for an asyncio Redis client."""
+    async with connection.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                await pipe.watch(HEAD_KEY)
+                chained, head = _chain(await pipe.get(HEAD_KEY), entries)
+                pipe.multi()
+                pipe.rpush(AUDIT_KEY, *(entry.model_dump_json() for entry in chained))
+                pipe.set(HEAD_KEY, head)
+                await pipe.execute()
+                return chained
+            except redis.WatchError:
+                continue
 
 
 class AuditWriter:
@@ -150,6 +176,48 @@ class AuditWriter:
             return
         for ticket, entry in zip(batch, written, strict=True):
             ticket.written, ticket.done = entry, True
+
+
+class AsyncAuditWriter:
+    """``AuditWriter`` for the API's asyncio routes: each caller awaits its own record being
+    stored; records arriving while an append is under way go together in the next one."""
+
+    def __init__(self, connection: Callable[[], aioredis.Redis]) -> None:
+        self.connection = connection  # the client of the running event loop
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[AuditRecord]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def record(self, *, actor: str, action: AuditAction, source: str,
+                     role: str | None = None, study_instance_uid: str | None = None,
+                     details: dict[str, Any] | None = None) -> AuditRecord:
+        """Append one record (as ``record``), together with any others waiting."""
+        done: asyncio.Future[AuditRecord] = asyncio.get_running_loop().create_future()
+        self._pending.append((dict(actor=actor, role=role, source=source, action=action,
+                                   study_instance_uid=study_instance_uid,
+                                   details=details or {}), done))
+        if self._drainer is None or self._drainer.done():
+            # A task of its own: a request that goes away must not strand the others' records.
+            self._drainer = asyncio.create_task(self._drain())
+        return await done
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            await self._write(batch)
+
+    async def _write(self, batch: list[tuple[dict[str, Any], asyncio.Future[AuditRecord]]]
+                     ) -> None:
+        try:
+            written = await _append_async(self.connection(),
+                                          [fields for fields, _ in batch])
+        except Exception as exc:  # every waiting caller gets the error, not only this one
+            for _, done in batch:
+                if not done.done():  # its request may have gone away meanwhile
+                    done.set_exception(exc)
+            return
+        for (_, done), entry in zip(batch, written, strict=True):
+            if not done.done():
+                done.set_result(entry)
 
 
 @dataclass

@@ -147,8 +147,13 @@ def api() -> None:
 
     configure_logging("api")
     settings = Settings()
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,
-                log_level="warning")
+    if settings.api_workers == 1:
+        uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,
+                    log_level="warning")
+        return
+    # Several processes share the port; each builds the app from the same TRIAGE_ settings.
+    uvicorn.run("triage.api.app:create_app", factory=True, workers=settings.api_workers,
+                host=settings.api_host, port=settings.api_port, log_level="warning")
 
 
 @main.group()

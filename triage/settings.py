@@ -77,6 +77,9 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    api_workers: int = Field(
+        default=2, ge=1, description="API processes; more serve more concurrent readers"
+    )
     public_url: str | None = Field(
         default=None, description="URL people use to reach the web pages (printed by triage up)"
     )

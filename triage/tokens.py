@@ -65,9 +65,18 @@ def create_token(connection: redis.Redis, *, role: Role | str, owner: str,
 
 def verify_token(connection: redis.Redis, token: str) -> TokenRecord | None:
     """The record of a valid token; ``None`` for an unknown, expired or revoked one."""
-    if not token.startswith(TOKEN_PREFIX):
-        return None
-    raw = connection.hget(TOKENS_KEY, _digest(token))
+    field = token_field(token)
+    return valid_record(connection.hget(TOKENS_KEY, field) if field else None)
+
+
+def token_field(token: str) -> str | None:
+    """Where a token's record is kept in ``TOKENS_KEY``; ``None`` for what is no token of
+    this service (it is then not looked up at all)."""
+    return _digest(token) if token.startswith(TOKEN_PREFIX) else None
+
+
+def valid_record(raw: bytes | str | None) -> TokenRecord | None:
+    """The stored record of a token if it is still valid (not expired, not revoked)."""
     if not raw:
         return None
     record = TokenRecord.model_validate_json(raw)

@@ -181,6 +181,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def version_token(epoch: bytes | None, version: bytes | None) -> str | None:
+    """``Worklist.version`` from the stored epoch and version counter."""
+    if epoch is None or version is None:
+        return None
+    return f"{epoch.decode()}:{int(version)}"
+
+
 def _item_key(study_instance_uid: str) -> str:
     return f"{KEY_PREFIX}:study:{study_instance_uid}"
 
@@ -392,9 +399,7 @@ class Worklist:
         if expired:
             self.release_expired_claims(now)
             epoch, version = self.redis.mget([EPOCH_KEY, VERSION_KEY])
-        if epoch is None or version is None:
-            return None
-        return f"{epoch.decode()}:{int(version)}"
+        return version_token(epoch, version)
 
     def query_counts(self) -> dict[str, int]:
         """Studies per priority class."""

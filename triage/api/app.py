@@ -10,9 +10,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 
 from triage import __version__
+from triage.api.deps import LoopRedis
 from triage.api.routes import admin, health, integration, studies, worklist
 from triage.api.security import RequestSizeLimit, SecurityHeaders
-from triage.audit import AuditWriter
+from triage.audit import AsyncAuditWriter, AuditWriter
 from triage.oidc import OidcValidator
 from triage.pagecache import PageCache
 from triage.settings import Settings, get_settings
@@ -28,8 +29,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.redis = redis.Redis.from_url(settings.redis_connection_url)
+    # The asyncio client serves the hot paths (authentication, the worklist page); routes
+    # that run in threads use the other.
+    app.state.aredis = LoopRedis(settings.redis_connection_url)
     app.state.audit = AuditWriter(app.state.redis)
-    app.state.pages = PageCache(Worklist(app.state.redis))
+    app.state.aaudit = AsyncAuditWriter(app.state.aredis)
+    app.state.pages = PageCache(Worklist(app.state.redis), app.state.aredis)
     app.state.oidc = OidcValidator(settings) if settings.oidc_issuer else None
     app.add_middleware(RequestSizeLimit, limit=settings.max_request_bytes)
     if settings.cors_origins:

@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import redis
+import redis.asyncio as aioredis
 from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from triage.audit import AuditAction
 from triage.pagecache import PageCache
 from triage.settings import Settings
-from triage.tokens import Role, TokenRecord, verify_token
+from triage.tokens import TOKENS_KEY, Role, TokenRecord, token_field, valid_record
 from triage.worklist import Worklist
 
 _bearer = HTTPBearer(auto_error=False, description="A token from `triage token create`")
+
+
+class LoopRedis:
+    """An asyncio Redis client for the running event loop: its connections belong to the loop
+    that opened them. The API has one loop; an in-process test client may start one per
+    request."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
+            weakref.WeakKeyDictionary())
+
+    def __call__(self) -> aioredis.Redis:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = aioredis.Redis.from_url(self.url)
+        return client
 
 
 def get_settings(request: Request) -> Settings:
@@ -52,25 +73,30 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def _authenticate(request: Request, token: str | None) -> TokenRecord:
-    connection: redis.Redis = request.app.state.redis
+async def _authenticate(request: Request, token: str | None) -> TokenRecord:
+    """The caller's token record: this service's tokens and the failures counted against
+    the caller's address are read in one Redis round trip, before any route runs."""
+    connection: aioredis.Redis = request.app.state.aredis()
     settings: Settings = request.app.state.settings
     failures_key = f"triage:auth-failures:{client_address(request)}"
-    failures = int(connection.get(failures_key) or 0)
-    if failures >= settings.auth_failures_per_minute:
+    field = token_field(token) if token else None
+    async with connection.pipeline(transaction=False) as pipe:
+        pipe.get(failures_key)
+        if field:
+            pipe.hget(TOKENS_KEY, field)
+        failures, *stored = await pipe.execute()
+    if int(failures or 0) >= settings.auth_failures_per_minute:
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
                             "too many failed authentications; try again later",
                             headers={"Retry-After": str(AUTH_FAILURE_WINDOW_SECONDS)})
-    record = None
-    if token:
-        record = verify_token(connection, token)
-        if record is None and request.app.state.oidc is not None:
-            record = request.app.state.oidc.validate(token)
+    record = valid_record(stored[0]) if stored else None
+    if record is None and token and request.app.state.oidc is not None:
+        record = request.app.state.oidc.validate(token)
     if record is None:
-        with connection.pipeline() as pipe:
+        async with connection.pipeline(transaction=False) as pipe:
             pipe.incr(failures_key)
             pipe.expire(failures_key, AUTH_FAILURE_WINDOW_SECONDS)
-            pipe.execute()
+            await pipe.execute()
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token",
             headers={"WWW-Authenticate": "Bearer"},
@@ -78,28 +104,29 @@ def _authenticate(request: Request, token: str | None) -> TokenRecord:
     return record
 
 
-def current_user(
+async def current_user(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> TokenRecord:
-    return _authenticate(request, credentials.credentials if credentials else None)
+    return await _authenticate(request, credentials.credentials if credentials else None)
 
 
-def stream_user(
+async def stream_user(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     access_token: Annotated[str | None, Query(description="for EventSource clients")] = None,
 ) -> TokenRecord:
     """Like ``current_user``, also accepting the token as a query parameter: browsers'
     EventSource cannot send an Authorization header."""
-    return _authenticate(request, credentials.credentials if credentials else access_token)
+    return await _authenticate(request,
+                               credentials.credentials if credentials else access_token)
 
 
-def _require(identify: Callable[..., TokenRecord], roles: tuple[Role, ...]
-             ) -> Callable[[TokenRecord], TokenRecord]:
+def _require(identify: Callable[..., Awaitable[TokenRecord]], roles: tuple[Role, ...]
+             ) -> Callable[[TokenRecord], Awaitable[TokenRecord]]:
     # A default rather than Annotated: the annotation is a string here (postponed
     # evaluation) and would not see the local ``identify``.
-    def check(user: TokenRecord = Depends(identify)) -> TokenRecord:  # noqa: B008
+    async def check(user: TokenRecord = Depends(identify)) -> TokenRecord:  # noqa: B008
         if user.role not in roles:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"role {user.role.value} may not")
         return user
@@ -107,7 +134,7 @@ def _require(identify: Callable[..., TokenRecord], roles: tuple[Role, ...]
     return check
 
 
-def require(*roles: Role) -> Callable[[TokenRecord], TokenRecord]:
+def require(*roles: Role) -> Callable[[TokenRecord], Awaitable[TokenRecord]]:
     """A dependency that admits only users with one of ``roles``."""
     return _require(current_user, roles)
 
@@ -125,3 +152,11 @@ def audit(request: Request, user: TokenRecord, action: AuditAction, *,
     request.app.state.audit.record(actor=user.owner, role=user.role.value,
                                    source=client_address(request), action=action,
                                    study_instance_uid=study_instance_uid, details=details)
+
+
+async def audit_async(request: Request, user: TokenRecord, action: AuditAction, *,
+                      details: dict[str, Any] | None = None) -> None:
+    """``audit`` for asyncio routes."""
+    await request.app.state.aaudit.record(actor=user.owner, role=user.role.value,
+                                          source=client_address(request), action=action,
+                                          details=details)

@@ -14,6 +14,21 @@ DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.j
 _DOCS_PATHS = ("/docs", "/redoc")
 
 
+def _headers(csp: str) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+        (b"referrer-policy", b"no-referrer"),
+        # Answers carry patient data: nothing may keep a copy.
+        (b"cache-control", b"no-store"),
+        (b"content-security-policy", csp.encode()),
+    ]
+
+
+_PAGE_HEADERS = _headers(PAGE_CSP)
+_DOCS_HEADERS = _headers(DOCS_CSP)
+
+
 class SecurityHeaders:
     """Adds the headers browsers use to keep pages and API answers from being misused."""
 
@@ -28,16 +43,8 @@ class SecurityHeaders:
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers += [
-                    (b"x-content-type-options", b"nosniff"),
-                    (b"x-frame-options", b"DENY"),
-                    (b"referrer-policy", b"no-referrer"),
-                    # Answers carry patient data: nothing may keep a copy.
-                    (b"cache-control", b"no-store"),
-                    (b"content-security-policy", (DOCS_CSP if docs else PAGE_CSP).encode()),
-                ]
-                message["headers"] = headers
+                message["headers"] = [*message.get("headers", []),
+                                      *(_DOCS_HEADERS if docs else _PAGE_HEADERS)]
             await send(message)
 
         await self.app(scope, receive, with_headers)

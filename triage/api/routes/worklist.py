@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
-from triage.api.deps import PagesDep, ReaderDep, SettingsDep, StreamReaderDep, audit
+from triage.api.deps import PagesDep, ReaderDep, SettingsDep, StreamReaderDep, audit_async
 from triage.audit import AuditAction
 from triage.priority import PriorityClass
 from triage.worklist import (
@@ -30,7 +30,7 @@ KEEPALIVE_SECONDS = 15.0
 
 
 @router.get("/worklist", response_model=WorklistPage)
-def worklist(
+async def worklist(
     request: Request,
     user: ReaderDep,
     pages: PagesDep,
@@ -52,8 +52,8 @@ def worklist(
                           finding=finding, claimed_by=claimed_by, read=read,
                           received_from=received_from, received_to=received_to)
     # Encoded once per worklist version and shared by every reader (triage.pagecache).
-    page = pages.get(query, limit=limit, offset=offset)
-    audit(request, user, AuditAction.WORKLIST_VIEWED, details={
+    page = await pages.get(query, limit=limit, offset=offset)
+    await audit_async(request, user, AuditAction.WORKLIST_VIEWED, details={
         "filters": query.model_dump(mode="json", exclude_none=True),
         "offset": offset, "shown": page.shown})
     return Response(content=page.body, media_type="application/json")
