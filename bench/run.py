@@ -37,7 +37,8 @@ Results JSON (``latest.json``); every duration is in seconds unless its name say
       api:         {target_p99_ms, met, paced_met, under_change_met, indexed, clients,
                     items_per_page, load_generator,
                     closed_loop: LOAD + {cpu_ms_per_request: {api, redis}},
-                    paced: LOAD, under_change: LOAD + {changes, changes_per_second}}
+                    paced: LOAD, under_change: LOAD + {changes, changes_per_second},
+                    capacity: [LOAD with think_seconds 0.1, 0.05, 0.02]}
                    LOAD = {think_seconds, requests, requests_per_second, errors,
                            error_kinds, latency_ms: STATS}
       memory:      {met, studies, every, growth_limit_percent,
@@ -107,13 +108,16 @@ class Config:
     api_paced_seconds: float = 20.0
     api_think_seconds: float = 1.0
     api_changes_per_second: float = 20.0
+    api_capacity_seconds: float = 10.0
+    api_capacity_think_seconds: tuple[float, ...] = (0.1, 0.05, 0.02)
 
 
 SMOKE = Config(stable_age=1, ttn_radiographs=2, ttn_head_cts=1, ct_slices=10,
                efficiency_studies=4, stat_alone=1, backlog=5, memory_studies=10,
                memory_every=5, ingest_series=1, api_indexed=200, api_clients=5,
                api_seconds=2.0, api_paced_seconds=2.0, api_think_seconds=0.5,
-               api_changes_per_second=5.0)
+               api_changes_per_second=5.0, api_capacity_seconds=1.0,
+               api_capacity_think_seconds=(0.1,))
 
 
 def study_uid(key: str) -> str:
@@ -300,6 +304,11 @@ class Bench:
         changing = api_load.run_load(base, token, clients=c.api_clients,
                                      seconds=c.api_seconds)
         changed = changes.stop()
+        # What the API sustains while keeping its latency: clients waiting less and less.
+        capacity = [{**_load_result(api_load.run_load(base, token, clients=c.api_clients,
+                                                      seconds=c.api_capacity_seconds,
+                                                      think=think), think)}
+                    for think in c.api_capacity_think_seconds]
         out: dict[str, Any] = {
             "target_p99_ms": 50.0, "indexed": int(self.redis.zcard("triage:worklist")),
             "added": indexed, "clients": c.api_clients, "items_per_page": shown,
@@ -309,6 +318,7 @@ class Bench:
             "paced": _load_result(paced, c.api_think_seconds),
             "under_change": {**_load_result(changing, 0.0), "changes": changed,
                              "changes_per_second": c.api_changes_per_second},
+            "capacity": capacity,
         }
         requests = max(1, closed["requests"])
         out["closed_loop"]["cpu_ms_per_request"] = {

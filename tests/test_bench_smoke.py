@@ -66,6 +66,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert s["api"][load]["errors"] == 0
         assert s["api"][load]["requests"] > 0
     assert s["api"]["under_change"]["changes"] > 0
+    assert s["api"]["capacity"] and all(load["requests"] > 0 for load in s["api"]["capacity"])
     assert s["api"]["items_per_page"] > 0
     assert all(_number(v) and v >= 0
                for v in s["efficiency"]["pipeline"]["cpu_seconds_per_study"].values())

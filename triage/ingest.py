@@ -66,17 +66,21 @@ def _series(raw: dict[str, Any], tags: dict[str, Any] | None) -> SourceSeries:
 
 
 def snapshot_study(orthanc: OrthancClient, orthanc_id: str, *, details: bool = False,
-                   first_instance: bool = False) -> StudySnapshot:
+                   first_instance: bool = False,
+                   study_instance_uid: str | None = None) -> StudySnapshot:
     """Read a study from Orthanc.
 
     With ``details``, the tags of one instance per series are read too (storage class, slice
     thickness, image type, orientation, patient age): what model selection needs. With
     ``first_instance``, the tags of one source instance and its calling AE title are read.
+    A caller that knows the ``study_instance_uid`` (a worker) gets the series without the
+    study's own resource: patient and study attributes are then left empty.
     """
-    study = orthanc.study(orthanc_id)
+    study = orthanc.study(orthanc_id) if study_instance_uid is None else {}
     tags = study.get("MainDicomTags", {})
     patient = study.get("PatientMainDicomTags", {})
-    study_uid = tags.get("StudyInstanceUID", "")
+    study_uid = tags.get("StudyInstanceUID", "") if study_instance_uid is None else (
+        study_instance_uid)
     own_series = str(sr_series_uid(study_uid))
     # The key images the service stores are its own output too, never analysis input.
     key_images = str(key_image_series_uid(study_uid))

@@ -141,7 +141,8 @@ def _for_inputs(inputs: str, change: Callable[[WorklistItem], WorklistItem]
 
 def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str,
              inputs: str) -> StudyStatus | str:
-    snapshot = snapshot_study(ctx.orthanc, orthanc_id, details=True)
+    snapshot = snapshot_study(ctx.orthanc, orthanc_id, details=True,
+                              study_instance_uid=study_uid)
     if snapshot.inputs != inputs:
         # More instances arrived since the job was queued; the watcher queues the new set
         # once the study is stable again, and that job writes the result.
