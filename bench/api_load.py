@@ -23,12 +23,17 @@ from triage.worklist import StudyStatus, Worklist, WorklistItem, utcnow
 WORKLIST_PATH = "/api/v1/worklist"
 WRK_THREADS = 2
 
-# ``TRIAGE_BENCH_THINK_MS``: each connection waits this long after an answer before its
-# next request (0: back to back).
+# ``TRIAGE_BENCH_THINK_MS``: after each answer a connection waits a random time with this
+# mean (exponentially distributed, as the pauses of people working independently are)
+# before its next request; 0: back to back. A fixed wait would keep all the connections in
+# step, every request arriving in one burst with the 49 others.
 _SCRIPT = r"""
 local think = tonumber(os.getenv("TRIAGE_BENCH_THINK_MS") or "0")
+function init(args)
+  math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)") or "0", 16))
+end
 if think > 0 then
-  function delay() return think end
+  function delay() return math.floor(-think * math.log(1 - math.random())) end
 end
 function done(summary, latency, requests)
   local e = summary.errors
@@ -69,8 +74,9 @@ def index_studies(worklist: Worklist, target: int) -> int:
 def run_load(base_url: str, token: str, *, clients: int, seconds: float,
              think: float = 0.0) -> dict[str, object]:
     """``clients`` connections requesting the worklist (first page, default size) for
-    ``seconds``; each waits ``think`` seconds after an answer before asking again (0: back
-    to back). Returns wrk's counts, errors and latencies (microseconds)."""
+    ``seconds``; after each answer a connection waits ``think`` seconds on average before
+    asking again (0: back to back). Returns wrk's counts, errors and latencies
+    (microseconds)."""
     with tempfile.TemporaryDirectory() as folder:
         script = Path(folder) / "worklist.lua"
         script.write_text(_SCRIPT)

@@ -20,6 +20,7 @@ from triage.orthanc import OrthancClient
 from triage.registry import ModelPackage
 from triage.retrieval import SeriesLoader
 from triage.settings import Settings
+from triage.workers import lower_priority
 
 _state: dict[str, object] = {}
 
@@ -27,6 +28,7 @@ _state: dict[str, object] = {}
 def _init(model_folder: str) -> None:
     tune_for_images()  # as a worker does
     settings = Settings()
+    lower_priority(settings.worker_nice)
     package = ModelPackage.load(Path(model_folder))
     self_test(package)  # the session is created and warm before the clock starts
     loader = SeriesLoader(OrthancClient.from_settings(settings), settings.fetch_threads)

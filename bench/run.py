@@ -97,11 +97,13 @@ class Config:
     ttn_head_cts: int = 5
     ct_slices: int = 300
     efficiency_studies: int = 200
+    efficiency_rounds: int = 3
     stat_alone: int = 3
     backlog: int = 500
     memory_studies: int = 1000
     memory_every: int = 50
     ingest_series: int = 4
+    ingest_rounds: int = 3
     api_indexed: int = 10_000
     api_clients: int = 50
     api_seconds: float = 30.0
@@ -113,8 +115,9 @@ class Config:
 
 
 SMOKE = Config(stable_age=1, ttn_radiographs=2, ttn_head_cts=1, ct_slices=10,
-               efficiency_studies=4, stat_alone=1, backlog=5, memory_studies=10,
-               memory_every=5, ingest_series=1, api_indexed=200, api_clients=5,
+               efficiency_studies=4, efficiency_rounds=1, stat_alone=1, backlog=5,
+               memory_studies=10, memory_every=5, ingest_series=1, ingest_rounds=1,
+               api_indexed=200, api_clients=5,
                api_seconds=2.0, api_paced_seconds=2.0, api_think_seconds=0.5,
                api_changes_per_second=5.0, api_capacity_seconds=1.0,
                api_capacity_think_seconds=(0.1,))
@@ -204,9 +207,21 @@ class Bench:
         self.stack.wait_until(queued, self.timeout(len(keys)), "studies queued", interval=0.5)
 
     def efficiency(self) -> dict[str, Any]:
+        """``efficiency_rounds`` rounds of pipeline then limit; the median round decides (one
+        round on a shared virtual machine can be 15% off)."""
+        c = self.config
+        rounds = [self.efficiency_round(n) for n in range(c.efficiency_rounds)]
+        median = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]
+        return {**median, "met": median["ratio"] >= 0.9,
+                "rounds": [{"ratio": r["ratio"],
+                            "pipeline_studies_per_second": r["pipeline"]["studies_per_second"],
+                            "limit_studies_per_second": r["limit"]["studies_per_second"]}
+                           for r in rounds]}
+
+    def efficiency_round(self, round_number: int) -> dict[str, Any]:
         c = self.config
         self.stack.stop_workers()
-        keys = [self.key("efficiency", n) for n in range(c.efficiency_studies)]
+        keys = [self.key(f"efficiency{round_number}", n) for n in range(c.efficiency_studies)]
         self.send_queued(keys, lambda key, n: radiograph(self.files, key, n))
         self.stack.start_workers()
         cpu_before = self.stack.cpu_by_process()
@@ -376,20 +391,34 @@ class Bench:
         return {"sections": sections, "versions": versions}
 
     def ingest_section(self) -> dict[str, Any]:
-        """Orthanc alone, then with the service started (which it leaves running)."""
+        """Orthanc alone, then with the service started, ``ingest_rounds`` times in turn
+        (the service is stopped again between rounds and left running after the last)."""
         c = self.config
-        alone = self.ingest("alone")
-        self.stack.delete_all_studies()
-        self.stack.start_service()
-        with_service = self.ingest("service")
-        uids = [study_uid(self.key("ingest-service", n)) for n in range(c.ingest_series)]
-        wait_analysed(self.stack.worklist, uids, self.timeout(c.ct_slices * len(uids)),
-                      self.alive)
-        self.stack.delete_all_studies()
-        ratio = with_service["instances_per_second"] / alone["instances_per_second"]
+        alone, with_service = [], []
+        for round_number in range(c.ingest_rounds):
+            if round_number:
+                self.stack.stop_service()
+            alone.append(self.ingest(f"alone{round_number}"))
+            self.stack.delete_all_studies()
+            self.stack.start_service()
+            with_service.append(self.ingest(f"service{round_number}"))
+            uids = [study_uid(self.key(f"ingest-service{round_number}", n))
+                    for n in range(c.ingest_series)]
+            wait_analysed(self.stack.worklist, uids, self.timeout(c.ct_slices * len(uids)),
+                          self.alive)
+            self.stack.delete_all_studies()
+
+        def median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+            return sorted(runs, key=lambda r: r["instances_per_second"])[len(runs) // 2]
+
+        ratio = (median(with_service)["instances_per_second"]
+                 / median(alone)["instances_per_second"])
         return {"target_ratio": 0.9, "met": ratio >= 0.9, "ratio": ratio,
                 "series": c.ingest_series, "slices_per_series": c.ct_slices,
-                "alone": alone, "with_service": with_service}
+                "rounds": c.ingest_rounds, "alone": median(alone),
+                "with_service": median(with_service),
+                "round_ratios": [s["instances_per_second"] / a["instances_per_second"]
+                                 for a, s in zip(alone, with_service, strict=True)]}
 
     def _versions(self) -> dict[str, str]:
         assert self.stack.orthanc is not None and self.redis is not None

@@ -117,6 +117,14 @@ class BenchStack:
                 raise TimeoutError("workers did not register with RQ")
             time.sleep(0.1)
 
+    def stop_service(self) -> None:
+        """Stop the API, the workers and the watcher (the servers keep running)."""
+        self.api.signal(signal.SIGTERM)
+        self.watcher.signal(signal.SIGTERM)
+        self.stop_workers()
+        self.api.stop(20.0, already_signalled=True)
+        self.watcher.stop(20.0, already_signalled=True)
+
     def stop_workers(self) -> None:
         self.workers_up = False
         for worker in self.workers:

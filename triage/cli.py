@@ -132,9 +132,10 @@ def watcher() -> None:
 @click.option("--burst", is_flag=True, help="Exit when the queues are empty.")
 def worker(burst: bool) -> None:
     """Analyse queued studies (urgent first, then default, then bulk)."""
-    from triage.workers import run_worker
+    from triage.workers import lower_priority, run_worker
 
     configure_logging("worker")
+    lower_priority(Settings().worker_nice)
     run_worker(burst=burst)
 
 

@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     job_timeout: int = Field(default=600, ge=10)
     job_retries: int = Field(default=3, ge=0)
     fetch_threads: int = Field(default=4, ge=1)
+    worker_nice: int = Field(
+        default=10, ge=0, le=19, description="CPU priority workers give up: image reception "
+        "by Orthanc comes first when the server is busy (0: same priority)"
+    )
     max_study_instances: int = Field(
         default=5000, ge=1, description="Larger studies are skipped, not analysed"
     )
