@@ -33,7 +33,7 @@ Results JSON (``latest.json``); every duration is in seconds unless its name say
       ingest:      {target_ratio, met, ratio, series, slices_per_series,
                     alone: INGEST, with_service: INGEST}
                    INGEST = {instances, megabytes, seconds, instances_per_second,
-                             megabytes_per_second}
+                             megabytes_per_second, cpu_seconds: {process: s}}
       api:         {target_p99_ms, met, paced_met, under_change_met, indexed, clients,
                     items_per_page, load_generator,
                     closed_loop: LOAD + {cpu_ms_per_request: {api, redis}},
@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -160,16 +161,22 @@ class Bench:
         series = [head_ct(self.files, self.key(f"ingest-{mode}", n), c.ct_slices)
                   for n in range(c.ingest_series)]
         size = sum(p.stat().st_size for files in series for p in files)
+        cpu_before, children_before = self.stack.cpu_by_process(), _children_cpu()
         started = time.perf_counter()
         for files in series:
             self.stack.storescu(files)
         seconds = time.perf_counter() - started
+        cpu_after = self.stack.cpu_by_process()
+        # Who used the CPU while the images came in: storescu, Orthanc, and the service.
+        cpu = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after
+               if name != "bench"}
+        cpu["storescu"] = _children_cpu() - children_before
         instances = sum(len(files) for files in series)
         for files in series:
             shutil.rmtree(files[0].parent)
         return {"instances": instances, "megabytes": size / 2**20, "seconds": seconds,
                 "instances_per_second": instances / seconds,
-                "megabytes_per_second": size / 2**20 / seconds}
+                "megabytes_per_second": size / 2**20 / seconds, "cpu_seconds": cpu}
 
     def ttn(self, kind: str, count: int, make: Any, target: float | None) -> dict[str, Any]:
         records = []
@@ -417,6 +424,7 @@ class Bench:
                 "series": c.ingest_series, "slices_per_series": c.ct_slices,
                 "rounds": c.ingest_rounds, "alone": median(alone),
                 "with_service": median(with_service),
+                "all_alone": alone, "all_with_service": with_service,
                 "round_ratios": [s["instances_per_second"] / a["instances_per_second"]
                                  for a, s in zip(alone, with_service, strict=True)]}
 
@@ -424,6 +432,11 @@ class Bench:
         assert self.stack.orthanc is not None and self.redis is not None
         return {"orthanc": str(self.stack.orthanc.system().get("Version", "")),
                 "redis": str(self.redis.info("server").get("redis_version", ""))}
+
+
+def _children_cpu() -> float:
+    times = os.times()
+    return times.children_user + times.children_system
 
 
 def _load_result(load: dict[str, Any], think: float) -> dict[str, Any]:

@@ -226,6 +226,12 @@ def test_worker_scales(raw: dict[str, Any]) -> None:
     assert "ports" not in worker
 
 
+def test_workers_yield_the_cpu_to_orthanc(services: dict[str, Any]) -> None:
+    """Workers weigh less than the default CPU weight that Orthanc keeps."""
+    assert services["worker"]["cpu_shares"] < 1024
+    assert "cpu_shares" not in services["orthanc"]
+
+
 def test_healthchecks(services: dict[str, Any]) -> None:
     for name, service in services.items():
         if name in NO_HEALTHCHECK:

@@ -106,3 +106,23 @@ def test_the_worklist_route_answers_the_page_and_audits_each_view(
               if json.loads(raw)["action"] == "worklist.viewed"]
     assert len(viewed) == 3 and all(v["details"]["shown"] == 3 for v in viewed)
     assert verify(clean_servers.redis).ok
+
+
+def test_concurrent_requests_share_one_build(clean_servers: Servers) -> None:
+    worklist = Worklist(clean_servers.redis)
+    for n in range(30):
+        worklist.put(make_item(n, PriorityClass.ROUTINE, n))
+
+    async def check(cache: PageCache) -> None:
+        async def twenty() -> list[Any]:
+            return await asyncio.gather(*(cache.get(WorklistQuery(), limit=20, offset=0)
+                                          for _ in range(20)))
+
+        first = await twenty()
+        assert cache.builds == 1 and all(page is first[0] for page in first)
+        worklist.update("1.2.3.3", lambda item: item.model_copy(update={"score": 0.5}))
+        second = await twenty()
+        assert cache.builds == 2 and all(page is second[0] for page in second)
+        assert json.loads(second[0].body) == _fresh(worklist, WorklistQuery(), limit=20)
+
+    _run(clean_servers, check)

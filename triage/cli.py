@@ -148,13 +148,16 @@ def api() -> None:
 
     configure_logging("api")
     settings = Settings()
+    # Worklist pages refresh now and then: a connection idle for a while is kept rather
+    # than reopened (longer than the usual 60 s idle timeout of a proxy in front).
+    options: dict[str, Any] = {"host": settings.api_host, "port": settings.api_port,
+                               "log_level": "warning", "timeout_keep_alive": 75}
     if settings.api_workers == 1:
-        uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,
-                    log_level="warning")
+        uvicorn.run(create_app(settings), **options)
         return
     # Several processes share the port; each builds the app from the same TRIAGE_ settings.
     uvicorn.run("triage.api.app:create_app", factory=True, workers=settings.api_workers,
-                host=settings.api_host, port=settings.api_port, log_level="warning")
+                **options)
 
 
 @main.group()

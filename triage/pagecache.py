@@ -9,6 +9,7 @@ worklist's version and whether any claim has expired (which a fresh query would 
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,8 +48,14 @@ class PageCache:
         self.connection = connection  # the client of the running event loop
         self.size = size
         self._pages: OrderedDict[tuple[str, int, int], tuple[str, EncodedPage]] = OrderedDict()
+        # Builds under way: requests that miss on the same page and version wait for the one
+        # build rather than each read and encode the page again (a change invalidates every
+        # page while dozens of requests are in flight).
+        self._building: dict[tuple[tuple[str, int, int], str | None],
+                             asyncio.Future[EncodedPage]] = {}
         self.hits = 0
         self.misses = 0
+        self.builds = 0
 
     async def get(self, query: WorklistQuery, *, limit: int, offset: int) -> EncodedPage:
         """The page of ``query`` as JSON, built now or at the current worklist version."""
@@ -62,7 +69,16 @@ class PageCache:
             self.hits += 1
             return cached[1]
         self.misses += 1
-        encoded = await run_in_threadpool(self._build, query, limit, offset)
+        pending = self._building.get((key, version))
+        if pending is not None:
+            return await asyncio.shield(pending)
+        build = asyncio.ensure_future(run_in_threadpool(self._build, query, limit, offset))
+        self._building[(key, version)] = build
+        try:
+            encoded = await asyncio.shield(build)
+        finally:
+            if self._building.get((key, version)) is build:
+                del self._building[(key, version)]
         if version is not None:
             self._pages[key] = (version, encoded)
             self._pages.move_to_end(key)
@@ -81,5 +97,6 @@ class PageCache:
         return version_token(epoch, version)
 
     def _build(self, query: WorklistQuery, limit: int, offset: int) -> EncodedPage:
+        self.builds += 1
         page = self.worklist.query(query, limit=limit, offset=offset)
         return EncodedPage(body=page.model_dump_json().encode(), shown=len(page.items))
