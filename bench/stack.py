@@ -117,13 +117,17 @@ class BenchStack:
                 raise TimeoutError("workers did not register with RQ")
             time.sleep(0.1)
 
-    def stop_service(self) -> None:
-        """Stop the API, the workers and the watcher (the servers keep running)."""
-        self.api.signal(signal.SIGTERM)
-        self.watcher.signal(signal.SIGTERM)
-        self.stop_workers()
-        self.api.stop(20.0, already_signalled=True)
-        self.watcher.stop(20.0, already_signalled=True)
+    def pause_service(self) -> None:
+        """Stop the watcher, the workers and the API in place (SIGSTOP to each process
+        group, children included); ``resume_service`` continues them."""
+        for process in [self.watcher, *self.workers, self.api]:
+            if process.pid is not None and process.alive():
+                os.killpg(process.pid, signal.SIGSTOP)
+
+    def resume_service(self) -> None:
+        for process in [self.watcher, *self.workers, self.api]:
+            if process.pid is not None and process.alive():
+                os.killpg(process.pid, signal.SIGCONT)
 
     def stop_workers(self) -> None:
         self.workers_up = False
