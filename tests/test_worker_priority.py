@@ -1,7 +1,9 @@
-"""A worker process analyses at a lower CPU priority than Orthanc receives images at."""
+"""A worker process analyses at a lower CPU priority, as batch work, than Orthanc receives
+images at."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,10 @@ def _nice(pid: int) -> int:
     return int(fields[16])
 
 
+def _policy(pid: int) -> int:
+    return os.sched_getscheduler(pid)
+
+
 @pytest.mark.parametrize("nice", [0, 7])
 def test_worker_runs_at_the_configured_nice_level(clean_servers: Servers, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch,
@@ -30,6 +36,9 @@ def test_worker_runs_at_the_configured_nice_level(clean_servers: Servers, tmp_pa
         servers.wait_until(lambda: len(Worker.all(connection=servers.redis)) == 1,
                            what="the worker to register")
         assert worker.pid is not None and _nice(worker.pid) == nice
+        expected = os.SCHED_BATCH if nice else os.SCHED_OTHER
+        assert _policy(worker.pid) == expected
         assert _nice(servers.orthanc_process.pid or 0) == 0
+        assert _policy(servers.orthanc_process.pid or 0) == os.SCHED_OTHER
     finally:
         worker.stop()
