@@ -27,7 +27,7 @@ demo: deps
 test: deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-# Performance against the targets in BENCHMARKS.md (about 15 minutes on 2 cores);
+# Performance against the targets in BENCHMARKS.md (about 10 minutes on 2 cores);
 # writes bench/results/latest.json, summary.md and plots.
 bench: deps
 	$(BIN)/python -m bench.run
