@@ -187,14 +187,18 @@ class BenchStack:
         for study in self.orthanc.studies():
             self.orthanc._api.delete_studies_id(study)
 
+    def check_alive(self) -> None:
+        """Raise if a server or a service process that should be running has exited."""
+        running = [*self.servers, self.watcher, *(self.workers if self.workers_up else [])]
+        for process in running:
+            if process.popen is not None and not process.alive():
+                raise RuntimeError(f"{process.name} exited; see {process.log_path}")
+
     def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str,
                    interval: float = 0.05) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-            running = [*self.servers, self.watcher, *(self.workers if self.workers_up else [])]
-            for process in running:
-                if process.popen is not None and not process.alive():
-                    raise RuntimeError(f"{process.name} exited; see {process.log_path}")
+            self.check_alive()
             time.sleep(interval)

@@ -137,9 +137,25 @@ class OrthancClient:
 
     def bulk_content(self, resource_ids: list[str], level: str) -> list[dict[str, Any]]:
         """The resources at ``level`` (Patient, Study, Series, Instance) that hold the given
-        resources, each once, in one call; ids Orthanc no longer has are left out."""
+        resources, each once, in one call; ids Orthanc no longer has are left out.
+
+        Orthanc leaves out ids it does not know, but a resource deleted while it reads the
+        others fails the whole call (404); the ids are then asked for one by one.
+        """
         if not resource_ids:
             return []
+        try:
+            return self._bulk_content(resource_ids, level)
+        except StudyGone:
+            found: dict[str, dict[str, Any]] = {}
+            for resource_id in resource_ids:
+                try:
+                    found.update((r["ID"], r) for r in self._bulk_content([resource_id], level))
+                except StudyGone:
+                    continue
+            return list(found.values())
+
+    def _bulk_content(self, resource_ids: list[str], level: str) -> list[dict[str, Any]]:
         return self._call("POST /tools/bulk-content", self._api.post_tools_bulk_content,
                           json={"Resources": resource_ids, "Level": level})
 

@@ -96,10 +96,7 @@ class Watcher:
                 cursor = 0
                 continue
             seen = time.monotonic() if now is None else now
-            for study_id in self._arrived([c.resource_id for c in page.changes
-                                           if c.change_type == NEW_INSTANCE]):
-                self.arrivals.arrived(study_id, seen)
-            self._remember_unstable(page.changes)
+            self._note_arrivals(page.changes, seen)
             for change in page.changes:
                 if change.change_type == STABLE_STUDY:
                     self.redis.hdel(UNSTABLE_KEY, change.resource_id)
@@ -124,6 +121,21 @@ class Watcher:
                                           resource_id=study_id, resource_type="Study"))
             self.arrivals.queued(study_id, now)
         return queued
+
+    def _note_arrivals(self, changes: list[Change], seen: float) -> None:
+        """Start or restart the clock of every study that received an instance, and
+        remember new studies as unstable. Both are safety margins over Orthanc's own
+        announcement: an error here is logged, never allowed to stop the change log."""
+        try:
+            for study_id in self._arrived([c.resource_id for c in changes
+                                           if c.change_type == NEW_INSTANCE]):
+                self.arrivals.arrived(study_id, seen)
+            self._remember_unstable(changes)
+        except (TransientError, redis.ConnectionError, redis.TimeoutError):
+            raise  # Orthanc or Redis is down: read this page again later
+        except Exception:
+            log.exception("arrivals of changes %d-%d not noted; Orthanc's announcement of "
+                          "those studies will queue them", changes[0].seq, changes[-1].seq)
 
     def _arrived(self, instance_ids: list[str]) -> set[str]:
         """Orthanc ids of the studies that received ``instance_ids``, leaving out the
