@@ -233,14 +233,19 @@ class Bench:
         self.stack.start_workers()
         cpu_before = self.stack.cpu_by_process()
         uids = [study_uid(k) for k in keys]
-        wait_analysed(self.stack.worklist, uids, self.timeout(len(uids)), self.alive)
+        final = wait_analysed(self.stack.worklist, uids, self.timeout(len(uids)), self.alive)
         cpu_after = self.stack.cpu_by_process()
+        not_analysed = {s for s in final.values() if s != StudyStatus.ANALYSED.value}
+        if not_analysed:
+            raise RuntimeError(f"efficiency studies ended {', '.join(sorted(not_analysed))}")
         items = [self.stack.worklist.get(u) for u in uids]
         starts, ends, parts = [], [], {name: [] for name in (*TIMING_PARTS, "other")}
         for item in items:
-            assert item is not None and item.analysed_at is not None
+            if item is None or item.analysed_at is None:
+                raise RuntimeError("an analysed study has no analysis time")
             job = Job.fetch(item.job_id, connection=self.redis)
-            assert job.started_at is not None
+            if job.started_at is None:
+                raise RuntimeError(f"job {job.id} has no start time")
             started = job.started_at.timestamp()
             starts.append(started)
             ends.append(item.analysed_at.timestamp())

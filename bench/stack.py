@@ -189,7 +189,8 @@ class BenchStack:
 
     def check_alive(self) -> None:
         """Raise if a server or a service process that should be running has exited."""
-        running = [*self.servers, self.watcher, *(self.workers if self.workers_up else [])]
+        running = [*self.servers, self.watcher, self.api,
+                   *(self.workers if self.workers_up else [])]
         for process in running:
             if process.popen is not None and not process.alive():
                 raise RuntimeError(f"{process.name} exited; see {process.log_path}")

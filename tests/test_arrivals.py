@@ -48,3 +48,17 @@ def test_queued_studies_are_forgotten_after_a_while() -> None:
 def test_stable_age_must_be_positive() -> None:
     with pytest.raises(ValueError, match="stable_age"):
         ArrivalClock(stable_age=0)
+
+
+def test_a_dropped_study_is_neither_timed_nor_remembered() -> None:
+    clock = ArrivalClock(stable_age=1)
+    clock.arrived("a", now=0.0)
+    clock.dropped("a")
+    assert clock.due(now=5.0) == [] and not clock.already_queued("a")
+
+
+def test_forgetting_queued_studies_lets_orthanc_announce_them_again() -> None:
+    clock = ArrivalClock(stable_age=1)
+    clock.queued("a", now=0.0)
+    clock.forget_queued()
+    assert not clock.already_queued("a")

@@ -74,3 +74,34 @@ def test_a_failed_lookup_of_arrivals_never_stops_the_watcher(
     servers.wait_until(lambda: watcher.poll_once() >= 0 and Worklist(servers.redis).page()[1]
                        == 1, timeout=servers.settings.stable_age + 10,
                        what="the study queued on Orthanc's announcement")
+
+
+def test_late_instances_a_failed_lookup_missed_are_still_queued(
+        clean_servers: Servers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study queued a moment ago gets more images while the lookup of arrivals fails:
+    Orthanc's next announcement of it must not be skipped as already queued."""
+    servers = clean_servers
+    worklist = Worklist(servers.redis)
+    watcher = Watcher(servers.settings, servers.orthanc, servers.redis)
+    files = write_study(tmp_path / "a", "head-ct-normal")
+    assert len(files) > 1
+    storescu(servers.settings, files[:-1])
+    servers.wait_until(lambda: watcher.poll_once() >= 0 and worklist.page()[1] == 1,
+                       timeout=servers.settings.stable_age + 10, what="the study queued")
+    [first] = worklist.page()[0]
+
+    def failing(*_args: Any, **_kwargs: Any) -> list[dict[str, Any]]:
+        raise PermanentError("Orthanc refused POST /tools/bulk-content (400)")
+
+    monkeypatch.setattr(watcher.orthanc, "bulk_content", failing)
+    storescu(servers.settings, files[-1:])  # the last image, late
+    watcher.poll_once()  # its arrival is not seen
+    monkeypatch.undo()
+
+    def requeued() -> bool:
+        watcher.poll_once()
+        item = worklist.get(first.study_instance_uid)
+        return item is not None and item.inputs != first.inputs
+
+    servers.wait_until(requeued, timeout=servers.settings.stable_age + 10,
+                       what="the study queued again with the late image")

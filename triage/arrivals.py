@@ -51,6 +51,17 @@ class ArrivalClock:
         self._queued[study_id] = now
         self._forget_old(now)
 
+    def dropped(self, study_id: str) -> None:
+        """Stop timing ``study_id`` without calling it queued: Orthanc's announcement of it
+        will then be handled, not skipped."""
+        self._last.pop(study_id, None)
+        self._queued.pop(study_id, None)
+
+    def forget_queued(self) -> None:
+        """Arrivals may have gone unseen: Orthanc's next announcement of every study is
+        handled again."""
+        self._queued.clear()
+
     def already_queued(self, study_id: str) -> bool:
         """True when ``study_id`` was queued and has received nothing since."""
         return study_id in self._queued

@@ -199,7 +199,11 @@ def _store_key_image(ctx: WorkerContext, results: Sequence[ModelResult],
         return
     finding, model = max(positive, key=lambda p: (-(p[0].priority.rank if p[0].priority
                                                      else 9), p[0].probability))
-    source = ctx.orthanc.instance_dataset(orthanc_ids[finding.key_sop_instance_uid])
+    try:
+        source = ctx.orthanc.instance_dataset(orthanc_ids[finding.key_sop_instance_uid])
+    except PermanentError as exc:  # e.g. deleted since: the SR and results stand without it
+        log.warning("key image not made: %s", exc)
+        return
     image = build_key_image(source, finding, model, sr_uid)
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, image, enforce_file_format=True)

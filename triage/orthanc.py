@@ -105,7 +105,9 @@ class OrthancClient:
         self._files = pools.connection_from_url(self.base_url)
         self._file_headers = urllib3.make_headers(
             basic_auth=f"{username}:{password}" if username is not None else None)
-        self._file_timeout = urllib3.Timeout(total=timeout)
+        # Per connection attempt and per read, as for the other calls: a large file on a
+        # slow link is not cut off while it keeps arriving.
+        self._file_timeout = urllib3.Timeout(connect=timeout, read=timeout)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OrthancClient:

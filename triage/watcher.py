@@ -101,9 +101,13 @@ class Watcher:
                 if change.change_type == STABLE_STUDY:
                     self.redis.hdel(UNSTABLE_KEY, change.resource_id)
                     if not self.arrivals.already_queued(change.resource_id):
-                        queued += self._handle(change)
-                        # The snapshot just read holds every instance seen so far.
-                        self.arrivals.queued(change.resource_id, seen)
+                        handled = self._handle(change)
+                        if handled is None:
+                            self.arrivals.dropped(change.resource_id)
+                        else:
+                            queued += handled
+                            # The snapshot just read holds every instance seen so far.
+                            self.arrivals.queued(change.resource_id, seen)
                     # A crash after this costs at most re-reading the rest of the page.
                     self.redis.set(CURSOR_KEY, change.seq)
             cursor = page.last if page.changes else cursor
@@ -116,26 +120,42 @@ class Watcher:
         """Queue the studies quiet for the stable age at ``now``; returns how many."""
         queued = 0
         for study_id in self.arrivals.due(now):
-            self.redis.hdel(UNSTABLE_KEY, study_id)
-            queued += self._handle(Change(seq=0, change_type=STABLE_STUDY,
+            handled = self._handle(Change(seq=0, change_type=STABLE_STUDY,
                                           resource_id=study_id, resource_type="Study"))
+            if handled is None:  # Orthanc's own announcement will try again
+                self.arrivals.dropped(study_id)
+                continue
+            self.redis.hdel(UNSTABLE_KEY, study_id)
+            queued += handled
             self.arrivals.queued(study_id, now)
         return queued
 
     def _note_arrivals(self, changes: list[Change], seen: float) -> None:
         """Start or restart the clock of every study that received an instance, and
-        remember new studies as unstable. Both are safety margins over Orthanc's own
-        announcement: an error here is logged, never allowed to stop the change log."""
+        remember new studies as unstable.
+
+        Both only add to Orthanc's own announcement. When Orthanc or Redis is down the page
+        is read again later, as for any change; any other error is logged and the change
+        log goes on, every study's next announcement by Orthanc then being handled (the
+        arrivals not seen may belong to a study queued a moment ago).
+        """
         try:
             for study_id in self._arrived([c.resource_id for c in changes
                                            if c.change_type == NEW_INSTANCE]):
                 self.arrivals.arrived(study_id, seen)
+        except (TransientError, redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception:
+            log.exception("arrivals of changes %d-%d not noted; Orthanc's announcements "
+                          "will queue those studies", changes[0].seq, changes[-1].seq)
+            self.arrivals.forget_queued()
+        try:
             self._remember_unstable(changes)
         except (TransientError, redis.ConnectionError, redis.TimeoutError):
-            raise  # Orthanc or Redis is down: read this page again later
+            raise
         except Exception:
-            log.exception("arrivals of changes %d-%d not noted; Orthanc's announcement of "
-                          "those studies will queue them", changes[0].seq, changes[-1].seq)
+            log.exception("new studies of changes %d-%d not remembered as unstable",
+                          changes[0].seq, changes[-1].seq)
 
     def _arrived(self, instance_ids: list[str]) -> set[str]:
         """Orthanc ids of the studies that received ``instance_ids``, leaving out the
@@ -191,7 +211,7 @@ class Watcher:
             log.warning("study %s was never reported stable; queueing it", study_id)
             self.redis.hdel(UNSTABLE_KEY, study_id)
             queued += self._handle(Change(seq=0, change_type=STABLE_STUDY,
-                                          resource_id=study_id, resource_type="Study"))
+                                          resource_id=study_id, resource_type="Study")) or 0
         return queued
 
     def maintain(self, now: datetime) -> None:
@@ -201,16 +221,18 @@ class Watcher:
         recover_abandoned(self.redis)
         self.sweep_unstable(now)
 
-    def _handle(self, change: Change) -> bool:
-        """Handle one stable study; a study that cannot be read never blocks the others."""
+    def _handle(self, change: Change) -> int | None:
+        """Handle one stable study: 1 if it was queued, 0 if there was nothing to queue,
+        ``None`` if it could not be read (logged: a study that cannot be read never blocks
+        the others)."""
         try:
-            return self.handle_stable_study(change)
+            return int(self.handle_stable_study(change))
         except (TransientError, redis.ConnectionError, redis.TimeoutError):
             raise  # Orthanc or Redis is down: stop here and read this change again later
         except Exception:
             log.exception("stable study %s could not be queued; moving on",
                           change.resource_id)
-            return False
+            return None
 
     def handle_stable_study(self, change: Change) -> bool:
         try:

@@ -11,6 +11,7 @@ import redis
 import redis.asyncio as aioredis
 from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from triage.audit import AuditAction
 from triage.pagecache import PageCache
@@ -91,7 +92,8 @@ async def _authenticate(request: Request, token: str | None) -> TokenRecord:
                             headers={"Retry-After": str(AUTH_FAILURE_WINDOW_SECONDS)})
     record = valid_record(stored[0]) if stored else None
     if record is None and token and request.app.state.oidc is not None:
-        record = request.app.state.oidc.validate(token)
+        # May fetch the identity provider's keys: never on the event loop.
+        record = await run_in_threadpool(request.app.state.oidc.validate, token)
     if record is None:
         async with connection.pipeline(transaction=False) as pipe:
             pipe.incr(failures_key)
