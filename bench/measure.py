@@ -70,10 +70,11 @@ def wait_analysed(worklist: Worklist, study_uids: Sequence[str], timeout: float,
     return final
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds of a process and its living descendants (/proc)."""
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User and system CPU seconds of each named process with its living descendants, from
+    one reading of /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
+    children: dict[int, list[int]] = {}
     used: dict[int, float] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -83,15 +84,13 @@ def cpu_seconds(pid: int) -> float:
         except (FileNotFoundError, ProcessLookupError):
             continue  # ended while being read
         # After the command: state, ppid, ..., utime (12th), stime (13th).
-        parents[int(entry.name)] = int(fields[1])
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
         used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [p for p, pp in parents.items() if pp == parent and p not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    return sum(used.get(p, 0.0) for p in tree)
+
+    def tree(pid: int) -> float:
+        return used.get(pid, 0.0) + sum(tree(child) for child in children.get(pid, []))
+
+    return {name: tree(pid) for name, pid in pids.items()}
 
 
 def ttn_breakdown(connection: redis.Redis, study_uid: str, acked: float) -> dict[str, float]:

@@ -147,9 +147,9 @@ class BenchStack:
         e.g. RQ's scheduler), and by this benchmark process itself."""
         from bench.measure import cpu_seconds
 
-        used = {p.name: cpu_seconds(p.pid) for p in [*self.servers, self.watcher,
-                                                     *self.workers, self.api]
-                if p.pid is not None and p.alive()}
+        running = [*self.servers, self.watcher, *self.workers, self.api]
+        used = cpu_seconds({p.name: p.pid for p in running
+                            if p.pid is not None and p.alive()})
         times = os.times()
         used["bench"] = times.user + times.system
         return used

@@ -1,4 +1,5 @@
-"""The API's audit writer: many threads, one intact chain, each caller its own record."""
+"""The audit trail under concurrent writers: many threads (``record``) and the API's asyncio
+group commit, one intact chain, each caller its own record."""
 
 from __future__ import annotations
 
@@ -10,27 +11,20 @@ from pydantic_core import PydanticSerializationError
 
 from tests.conftest import Servers
 from triage.api.deps import LoopRedis
-from triage.audit import (
-    AsyncAuditWriter,
-    AuditAction,
-    AuditWriter,
-    record,
-    records,
-    verify,
-)
+from triage.audit import AsyncAuditWriter, AuditAction, record, records, verify
 
 pytestmark = pytest.mark.servers
 
 
 def test_concurrent_records_form_one_intact_chain(clean_servers: Servers) -> None:
-    writer = AuditWriter(clean_servers.redis)
     written: list[tuple[str, int]] = []
     lock = threading.Lock()
 
     def view(n: int) -> None:
         for k in range(20):
-            entry = writer.record(actor=f"user-{n}", role="radiologist", source="127.0.0.1",
-                                  action=AuditAction.WORKLIST_VIEWED, details={"k": k})
+            entry = record(clean_servers.redis, actor=f"user-{n}", role="radiologist",
+                           source="127.0.0.1", action=AuditAction.WORKLIST_VIEWED,
+                           details={"k": k})
             assert entry.actor == f"user-{n}" and entry.details == {"k": k}
             with lock:
                 written.append((entry.actor, entry.seq))
@@ -57,12 +51,18 @@ def test_concurrent_records_form_one_intact_chain(clean_servers: Servers) -> Non
 
 
 def test_a_failed_append_is_raised_to_its_caller(clean_servers: Servers) -> None:
-    writer = AuditWriter(clean_servers.redis)
-    with pytest.raises(PydanticSerializationError):
-        writer.record(actor="x", source="y", action=AuditAction.WORKLIST_VIEWED,
-                      details={"not json": object()})
-    # The writer carries on.
-    assert writer.record(actor="x", source="y", action=AuditAction.WORKLIST_VIEWED).seq >= 1
+    writer = AsyncAuditWriter(LoopRedis(clean_servers.settings.redis_connection_url))
+
+    async def appends() -> int:
+        with pytest.raises(PydanticSerializationError):
+            await writer.record(actor="x", source="y", action=AuditAction.WORKLIST_VIEWED,
+                                details={"not json": object()})
+        # The writer carries on.
+        entry = await writer.record(actor="x", source="y",
+                                    action=AuditAction.WORKLIST_VIEWED)
+        return entry.seq
+
+    assert asyncio.run(appends()) >= 1
     assert verify(clean_servers.redis).ok
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -42,6 +44,19 @@ class Receiver:
             "storescp", ["storescp", "-aet", "PACS", "-pm", "+xa", "+uf", "-od", str(folder),
                          str(self.port)], folder.parent / f"storescp-{self.port}.log",
             env={"TCP_NODELAY": "1"})
+
+    def start(self) -> None:
+        """Start storescp and wait until it accepts associations' connections."""
+        self.process.start()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or not self.process.alive():
+                    raise
+                time.sleep(0.02)
 
     def received(self) -> list[pydicom.Dataset]:
         return [pydicom.dcmread(p) for p in sorted(self.folder.iterdir()) if p.is_file()]
@@ -90,7 +105,7 @@ def pacs(tmp_path: Path, clean_servers: Servers):
 def test_sr_and_key_image_reach_the_pacs_and_critical_results_page_once(
         pacs, clean_servers: Servers, tmp_path: Path) -> None:
     receiver, pager = pacs
-    receiver.process.start()
+    receiver.start()
     servers = clean_servers
     storescu(servers.settings, write_study(tmp_path / "p", "head-ct-hyperdense")
              + write_study(tmp_path / "n", "head-ct-normal"))
@@ -144,7 +159,7 @@ def test_a_pacs_down_for_a_while_gets_every_result_exactly_once(
                            timeout=90, what="failed delivery attempts while the PACS is down")
         assert all(d.status is DeliveryStatus.PENDING and "C-STORE" in d.last_error
                    for i in worklist.page()[0] for d in i.deliveries)
-        receiver.process.start()  # the PACS is back
+        receiver.start()  # the PACS is back
         servers.wait_until(lambda: all(d.status is DeliveryStatus.DELIVERED
                                        for i in worklist.page()[0] for d in i.deliveries),
                            timeout=90, what="every result delivered")
@@ -165,7 +180,7 @@ def test_destination_echo_command(pacs, clean_servers: Servers) -> None:
 
     down = echo()
     assert down.returncode == 1 and "did not answer" in down.stderr
-    receiver.process.start()
+    receiver.start()
     import time
 
     time.sleep(0.5)
@@ -195,7 +210,7 @@ def test_failed_deliveries_are_listed_and_retried_by_an_admin(
         [failed] = client.get("/api/v1/admin/deliveries", headers=admin).json()
         assert failed["delivery"]["status"] == "failed"
         assert "C-STORE" in failed["delivery"]["last_error"]
-        receiver.process.start()
+        receiver.start()
         retried = client.post("/api/v1/admin/deliveries/retry", headers=admin).json()
         assert len(retried["requeued"]) == 1
         run_worker(burst=True)

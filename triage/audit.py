@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from typing import Any, cast
@@ -126,61 +124,14 @@ async def _append_async(connection: aioredis.Redis, entries: list[dict[str, Any]
                 continue
 
 
-class AuditWriter:
-    """Appends the records of the many threads of one process (the API), several at a time.
-
-    Each caller returns only once its own record is stored: nothing is answered before it
-    is audited. Records that arrive while an append is under way are appended together by
-    the next one, so under load the chain head is read and written once per batch rather
-    than once per record, and the threads of one process never retry against each other.
-    """
-
-    def __init__(self, connection: redis.Redis) -> None:
-        self.connection = connection
-        self._pending: list[_Ticket] = []
-        self._busy = False
-        self._changed = threading.Condition()
-
-    def record(self, *, actor: str, action: AuditAction, source: str, role: str | None = None,
-               study_instance_uid: str | None = None,
-               details: dict[str, Any] | None = None) -> AuditRecord:
-        """Append one record (as ``record``), together with any others waiting."""
-        ticket = _Ticket(dict(actor=actor, role=role, source=source, action=action,
-                              study_instance_uid=study_instance_uid, details=details or {}))
-        with self._changed:
-            self._pending.append(ticket)
-            while not ticket.done:
-                if self._busy:
-                    self._changed.wait()
-                    continue
-                self._busy = True
-                batch, self._pending = self._pending, []
-                self._changed.release()
-                try:
-                    self._write(batch)
-                finally:
-                    self._changed.acquire()
-                    self._busy = False
-                    self._changed.notify_all()
-        if ticket.error is not None:
-            raise ticket.error
-        assert ticket.written is not None
-        return ticket.written
-
-    def _write(self, batch: list[_Ticket]) -> None:
-        try:
-            written = _append(self.connection, [t.fields for t in batch])
-        except Exception as exc:  # every waiting caller gets the error, not only this one
-            for ticket in batch:
-                ticket.error, ticket.done = exc, True
-            return
-        for ticket, entry in zip(batch, written, strict=True):
-            ticket.written, ticket.done = entry, True
-
-
 class AsyncAuditWriter:
-    """``AuditWriter`` for the API's asyncio routes: each caller awaits its own record being
-    stored; records arriving while an append is under way go together in the next one."""
+    """Appends the records of the API's asyncio routes, several at a time.
+
+    Each caller awaits its own record being stored: nothing is answered before it is
+    audited. Records that arrive while an append is under way are appended together by the
+    next one, so under load the chain head is read and written once per batch rather than
+    once per record, and the requests of one process never retry against each other.
+    """
 
     def __init__(self, connection: Callable[[], aioredis.Redis]) -> None:
         self.connection = connection  # the client of the running event loop
@@ -218,14 +169,6 @@ class AsyncAuditWriter:
         for (_, done), entry in zip(batch, written, strict=True):
             if not done.done():
                 done.set_result(entry)
-
-
-@dataclass
-class _Ticket:
-    fields: dict[str, Any]
-    written: AuditRecord | None = None
-    error: Exception | None = None
-    done: bool = False
 
 
 def records(connection: redis.Redis, batch: int = 1000) -> Iterator[tuple[int, bytes]]:

@@ -54,7 +54,6 @@ class PageCache:
         self._building: dict[tuple[tuple[str, int, int], str | None],
                              asyncio.Future[EncodedPage]] = {}
         self.hits = 0
-        self.misses = 0
         self.builds = 0
 
     async def get(self, query: WorklistQuery, *, limit: int, offset: int) -> EncodedPage:
@@ -68,7 +67,6 @@ class PageCache:
             self._pages.move_to_end(key)
             self.hits += 1
             return cached[1]
-        self.misses += 1
         pending = self._building.get((key, version))
         if pending is not None:
             return await asyncio.shield(pending)

@@ -12,7 +12,7 @@ import io
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -54,59 +54,71 @@ def decode_series(
 
     ``slice_transform`` is applied to each decoded slice before stacking, so that a resize to
     the model size never holds the full-resolution series in memory at once.
-    Raises InvalidInput, with a reason a radiologist can read, when the series cannot be used:
-    header problems first, then images of different sizes, then pixel data that does not
-    decode.
+    Raises InvalidInput, with a reason a radiologist can read, when the series cannot be used
+    (see ``assemble``).
     """
-    if not datasets:
-        raise InvalidInput("no images in the series")
     rescale = Rescale(rescale)
-    for ds in datasets:
-        check_instance(ds)
-    check_sizes(datasets)
-    ordered = sort_slices(datasets)
-    return stack_slices(ordered, [decode_frames(ds, rescale, slice_transform)
-                                  for ds in ordered])
+    return assemble([decode_instance(ds, rescale, slice_transform) for ds in datasets])
 
 
-def check_instance(ds: Dataset) -> None:
-    """The checks of one instance's header that come before any decoding: identifiers, and
-    the declared image against the pixel data actually present."""
-    _check_identifiers(ds)
-    _check_decodable(ds)
+@dataclass
+class DecodedInstance:
+    """One instance's frames, each through the slice transform, or why it cannot be used:
+    its header (identifiers, the declared image against the pixel data present), or its
+    pixel data."""
+
+    header: Dataset
+    frames: list[np.ndarray] = field(default_factory=list)
+    header_error: InvalidInput | None = None
+    pixel_error: InvalidInput | None = None
 
 
-def check_sizes(datasets: Sequence[Dataset]) -> None:
-    """Every image of a series has the same size."""
-    shapes = sorted({(int(ds.Rows), int(ds.Columns)) for ds in datasets})
+def decode_instance(ds: Dataset, rescale: Rescale,
+                    slice_transform: SliceTransform | None = None) -> DecodedInstance:
+    """Check and decode one instance; its header is checked before anything is decoded."""
+    try:
+        _check_identifiers(ds)
+        _check_decodable(ds)
+    except InvalidInput as exc:
+        return DecodedInstance(ds, header_error=exc)
+    try:
+        frames = _frames(ds, rescale)
+    except InvalidInput as exc:
+        return DecodedInstance(ds, pixel_error=exc)
+    return DecodedInstance(ds, [slice_transform(f) for f in frames] if slice_transform
+                           else frames)
+
+
+def assemble(instances: Sequence[DecodedInstance]) -> Volume:
+    """The volume of one series' decoded instances, in patient order; a multi-frame image
+    contributes each of its frames, in stored order.
+
+    Raises the first reason it cannot be used: a header problem (in the order given), then
+    images of different sizes, then pixel data that does not decode (in patient order).
+    """
+    if not instances:
+        raise InvalidInput("no images in the series")
+    for instance in instances:
+        if instance.header_error is not None:
+            raise instance.header_error
+    shapes = sorted({(int(i.header.Rows), int(i.header.Columns)) for i in instances})
     if len(shapes) > 1:
         listed = ", ".join(f"{rows}x{cols}" for rows, cols in shapes)
         raise InvalidInput(f"images of different sizes in one series: {listed}")
-
-
-def decode_frames(ds: Dataset, rescale: Rescale,
-                  slice_transform: SliceTransform | None = None) -> list[np.ndarray]:
-    """The frames of one checked instance (``check_instance``), in stored order, each passed
-    through ``slice_transform``."""
-    frames = _frames(ds, rescale)
-    return [slice_transform(values) for values in frames] if slice_transform else frames
-
-
-def stack_slices(ordered: Sequence[Dataset], frames: Sequence[Sequence[np.ndarray]]) -> Volume:
-    """The volume of instances already in patient order, ``frames[i]`` those of
-    ``ordered[i]``; a multi-frame image contributes each of its frames."""
-    count = sum(len(f) for f in frames)
-    if count == 0:
-        raise InvalidInput("no images in the series")
-    first = next(f[0] for f in frames if f)
-    pixels = np.empty((count, *first.shape), dtype=np.float32)
+    by_header = {id(i.header): i for i in instances}
+    ordered = [by_header[id(ds)] for ds in sort_slices([i.header for i in instances])]
+    for instance in ordered:
+        if instance.pixel_error is not None:
+            raise instance.pixel_error
+    count = sum(len(i.frames) for i in ordered)
+    pixels = np.empty((count, *ordered[0].frames[0].shape), dtype=np.float32)
     instance_uids: list[str] = []
     class_uids: list[str] = []
-    for ds, instance_frames in zip(ordered, frames, strict=True):
-        for values in instance_frames:
+    for instance in ordered:
+        for values in instance.frames:
             pixels[len(instance_uids)] = values
-            instance_uids.append(str(ds.SOPInstanceUID))
-            class_uids.append(str(ds.SOPClassUID))
+            instance_uids.append(str(instance.header.SOPInstanceUID))
+            class_uids.append(str(instance.header.SOPClassUID))
     return Volume(pixels=pixels, sop_instance_uids=tuple(instance_uids),
                   sop_class_uids=tuple(class_uids))
 

@@ -18,22 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from time import perf_counter
 
-import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
 from triage.errors import InvalidInput
 from triage.manifest import Rescale
 from triage.orthanc import OrthancClient
-from triage.pixels import (
-    SliceTransform,
-    Volume,
-    check_instance,
-    check_sizes,
-    decode_frames,
-    sort_slices,
-    stack_slices,
-)
+from triage.pixels import DecodedInstance, SliceTransform, Volume, assemble, decode_instance
 
 
 @dataclass(frozen=True)
@@ -52,15 +43,12 @@ class LoadedSeries:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class _Instance:
-    header: Dataset | None = None
-    frames: list[np.ndarray] = field(default_factory=list)
-    header_error: InvalidInput | None = None
-    pixel_error: InvalidInput | None = None
-    fetched_at: float = 0.0
-    fetch_seconds: float = 0.0
-    decode_seconds: float = 0.0
+@dataclass(frozen=True)
+class _Loaded:
+    decoded: DecodedInstance
+    fetched_at: float
+    fetch_seconds: float
+    decode_seconds: float
 
 
 class SeriesLoader:
@@ -70,66 +58,43 @@ class SeriesLoader:
         self.orthanc = orthanc
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch")
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-
     def load(self, instance_ids: Sequence[str], rescale: Rescale,
              slice_transform: SliceTransform | None = None) -> LoadedSeries:
         """Download ``instance_ids`` (one series) and decode them into a volume in patient
         order, each slice passed through ``slice_transform``.
 
-        Raises InvalidInput with the same reason ``pixels.decode_series`` gives: header
-        problems first (in the order given), then images of different sizes, then pixel
-        data that does not decode (in patient order).
+        Raises InvalidInput with the same reason ``pixels.decode_series`` gives (both end in
+        ``pixels.assemble``).
         """
         if not instance_ids:
             raise InvalidInput("no images in the series")
         started = perf_counter()
-        instances = list(self.pool.map(
+        loaded = list(self.pool.map(
             lambda instance_id: self._one(instance_id, rescale, slice_transform),
             instance_ids))
-        for instance in instances:
-            if instance.header_error is not None:
-                raise instance.header_error
-        headers = [i.header for i in instances if i.header is not None]
-        check_sizes(headers)
-        by_header = {id(i.header): i for i in instances}
-        ordered = sort_slices(headers)
-        for header in ordered:
-            error = by_header[id(header)].pixel_error
-            if error is not None:
-                raise error
-        volume = stack_slices(ordered, [by_header[id(h)].frames for h in ordered])
+        volume = assemble([one.decoded for one in loaded])
         done = perf_counter()
-        fetched = max(i.fetched_at for i in instances)
+        fetched = max(one.fetched_at for one in loaded)
+        headers = tuple(one.decoded.header for one in loaded)
         return LoadedSeries(
             volume=volume,
-            headers=tuple(headers),
+            headers=headers,
             orthanc_ids={str(h.SOPInstanceUID): instance_id
                          for h, instance_id in zip(headers, instance_ids, strict=True)},
             timings={"fetch": fetched - started, "decode": done - fetched,
-                     "fetch_busy": sum(i.fetch_seconds for i in instances),
-                     "decode_busy": sum(i.decode_seconds for i in instances)},
+                     "fetch_busy": sum(one.fetch_seconds for one in loaded),
+                     "decode_busy": sum(one.decode_seconds for one in loaded)},
         )
 
     def _one(self, instance_id: str, rescale: Rescale,
-             slice_transform: SliceTransform | None) -> _Instance:
+             slice_transform: SliceTransform | None) -> _Loaded:
         started = perf_counter()
         raw = self.orthanc.instance_file(instance_id)
-        instance = _Instance(fetched_at=perf_counter())
-        instance.fetch_seconds = instance.fetched_at - started
+        fetched = perf_counter()
         ds = pydicom.dcmread(io.BytesIO(raw))
         del raw
-        instance.header = ds
-        try:
-            check_instance(ds)
-        except InvalidInput as exc:
-            instance.header_error = exc
-            return instance
-        try:
-            instance.frames = decode_frames(ds, rescale, slice_transform)
-        except InvalidInput as exc:
-            instance.pixel_error = exc
-        del ds.PixelData
-        instance.decode_seconds = perf_counter() - instance.fetched_at
-        return instance
+        decoded = decode_instance(ds, rescale, slice_transform)
+        if "PixelData" in ds:
+            del ds.PixelData
+        return _Loaded(decoded, fetched_at=fetched, fetch_seconds=fetched - started,
+                       decode_seconds=perf_counter() - fetched)

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -64,6 +65,19 @@ def _queue_for(existing: WorklistItem | None, clinical: ClinicalPriority) -> Que
     return QueueName.BULK
 
 
+def _logged_on_error(work: Callable[[], None], what: str) -> bool:
+    """Run ``work``; any error but Orthanc or Redis being down is logged with ``what`` and
+    swallowed. Returns whether it succeeded."""
+    try:
+        work()
+    except (TransientError, redis.ConnectionError, redis.TimeoutError):
+        raise  # Orthanc or Redis is down: the page is read again later
+    except Exception:
+        log.exception(what)
+        return False
+    return True
+
+
 class Watcher:
     def __init__(self, settings: Settings, orthanc: OrthancClient,
                  connection: redis.Redis) -> None:
@@ -101,13 +115,8 @@ class Watcher:
                 if change.change_type == STABLE_STUDY:
                     self.redis.hdel(UNSTABLE_KEY, change.resource_id)
                     if not self.arrivals.already_queued(change.resource_id):
-                        handled = self._handle(change)
-                        if handled is None:
-                            self.arrivals.dropped(change.resource_id)
-                        else:
-                            queued += handled
-                            # The snapshot just read holds every instance seen so far.
-                            self.arrivals.queued(change.resource_id, seen)
+                        # The snapshot read holds every instance seen so far.
+                        queued += self._queue_timed(change.resource_id, seen) or 0
                     # A crash after this costs at most re-reading the rest of the page.
                     self.redis.set(CURSOR_KEY, change.seq)
             cursor = page.last if page.changes else cursor
@@ -120,15 +129,23 @@ class Watcher:
         """Queue the studies quiet for the stable age at ``now``; returns how many."""
         queued = 0
         for study_id in self.arrivals.due(now):
-            handled = self._handle(Change(seq=0, change_type=STABLE_STUDY,
-                                          resource_id=study_id, resource_type="Study"))
-            if handled is None:  # Orthanc's own announcement will try again
-                self.arrivals.dropped(study_id)
-                continue
-            self.redis.hdel(UNSTABLE_KEY, study_id)
-            queued += handled
-            self.arrivals.queued(study_id, now)
+            handled = self._queue_timed(study_id, now)
+            if handled is not None:
+                self.redis.hdel(UNSTABLE_KEY, study_id)
+                queued += handled
         return queued
+
+    def _queue_timed(self, study_id: str, now: float) -> int | None:
+        """Handle a complete study (``_handle``) and tell the arrival clock: queued at
+        ``now``, or, when it could not be read, dropped so that Orthanc's own announcement
+        of it is handled again."""
+        handled = self._handle(Change(seq=0, change_type=STABLE_STUDY, resource_id=study_id,
+                                      resource_type="Study"))
+        if handled is None:
+            self.arrivals.dropped(study_id)
+        else:
+            self.arrivals.queued(study_id, now)
+        return handled
 
     def _note_arrivals(self, changes: list[Change], seen: float) -> None:
         """Start or restart the clock of every study that received an instance, and
@@ -139,23 +156,20 @@ class Watcher:
         log goes on, every study's next announcement by Orthanc then being handled (the
         arrivals not seen may belong to a study queued a moment ago).
         """
-        try:
+        if not changes:
+            return
+        seqs = f"changes {changes[0].seq}-{changes[-1].seq}"
+
+        def note() -> None:
             for study_id in self._arrived([c.resource_id for c in changes
                                            if c.change_type == NEW_INSTANCE]):
                 self.arrivals.arrived(study_id, seen)
-        except (TransientError, redis.ConnectionError, redis.TimeoutError):
-            raise
-        except Exception:
-            log.exception("arrivals of changes %d-%d not noted; Orthanc's announcements "
-                          "will queue those studies", changes[0].seq, changes[-1].seq)
+
+        if not _logged_on_error(note, f"arrivals of {seqs} not noted; Orthanc's "
+                                "announcements will queue those studies"):
             self.arrivals.forget_queued()
-        try:
-            self._remember_unstable(changes)
-        except (TransientError, redis.ConnectionError, redis.TimeoutError):
-            raise
-        except Exception:
-            log.exception("new studies of changes %d-%d not remembered as unstable",
-                          changes[0].seq, changes[-1].seq)
+        _logged_on_error(lambda: self._remember_unstable(changes),
+                         f"new studies of {seqs} not remembered as unstable")
 
     def _arrived(self, instance_ids: list[str]) -> set[str]:
         """Orthanc ids of the studies that received ``instance_ids``, leaving out the

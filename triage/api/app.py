@@ -13,7 +13,7 @@ from triage import __version__
 from triage.api.deps import LoopRedis
 from triage.api.routes import admin, health, integration, studies, worklist
 from triage.api.security import RequestSizeLimit, SecurityHeaders
-from triage.audit import AsyncAuditWriter, AuditWriter
+from triage.audit import AsyncAuditWriter
 from triage.oidc import OidcValidator
 from triage.pagecache import PageCache
 from triage.settings import Settings, get_settings
@@ -32,8 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The asyncio client serves the hot paths (authentication, the worklist page); routes
     # that run in threads use the other.
     app.state.aredis = LoopRedis(settings.redis_connection_url)
-    app.state.audit = AuditWriter(app.state.redis)
-    app.state.aaudit = AsyncAuditWriter(app.state.aredis)
+    app.state.audit = AsyncAuditWriter(app.state.aredis)
     app.state.pages = PageCache(Worklist(app.state.redis), app.state.aredis)
     app.state.oidc = OidcValidator(settings) if settings.oidc_issuer else None
     app.add_middleware(RequestSizeLimit, limit=settings.max_request_bytes)

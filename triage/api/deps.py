@@ -13,7 +13,7 @@ from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from triage.audit import AuditAction
+from triage.audit import AuditAction, record
 from triage.pagecache import PageCache
 from triage.settings import Settings
 from triage.tokens import TOKENS_KEY, Role, TokenRecord, token_field, valid_record
@@ -151,14 +151,14 @@ StreamReaderDep = Annotated[TokenRecord, Depends(_require(stream_user, (Role.RAD
 def audit(request: Request, user: TokenRecord, action: AuditAction, *,
           study_instance_uid: str | None = None, details: dict[str, Any] | None = None) -> None:
     """Record in the audit trail what ``user`` did, from where (before the answer is sent)."""
-    request.app.state.audit.record(actor=user.owner, role=user.role.value,
-                                   source=client_address(request), action=action,
-                                   study_instance_uid=study_instance_uid, details=details)
+    record(request.app.state.redis, actor=user.owner, role=user.role.value,
+           source=client_address(request), action=action,
+           study_instance_uid=study_instance_uid, details=details)
 
 
 async def audit_async(request: Request, user: TokenRecord, action: AuditAction, *,
                       details: dict[str, Any] | None = None) -> None:
     """``audit`` for asyncio routes."""
-    await request.app.state.aaudit.record(actor=user.owner, role=user.role.value,
+    await request.app.state.audit.record(actor=user.owner, role=user.role.value,
                                           source=client_address(request), action=action,
                                           details=details)
