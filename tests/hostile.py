@@ -47,6 +47,15 @@ class HostileCase:
     reason: str = ""  # a substring the worklist reason must contain ("" when analysed)
     # For analysed cases: the series the model must have used (mixed studies).
     analysed_series: str | None = None
+    # For analysed cases: the worklist priority the study must end with.
+    priority: str | None = None
+    # dciodvfy errors accepted in the service's SR and key image, each named by the
+    # attribute it is about: only identifiers the source sent invalid, which are copied as
+    # they are (see triage/source_header.py).
+    identifier_errors: tuple[str, ...] = ()
+    # The Timezone Offset From UTC the service's objects must declare, where the case is
+    # about it.
+    utc_offset: str | None = None
 
     @property
     def study_instance_uid(self) -> str:
@@ -422,17 +431,17 @@ def _cases() -> Iterator[HostileCase]:  # noqa: PLR0915 - a flat list of cases r
                               change=_changed(ImageOrientationPatient=None)),
                       SKIPPED, "needs axial images")
     yield HostileCase("nan-rescale-slope", _series("nan-rescale-slope", change=_bad_slope(b"NaN ")),
-                      SKIPPED, "rescale slope NaN")
+                      SKIPPED, "Rescale Slope NaN")
     yield HostileCase("zero-rescale-slope", _series("zero-rescale-slope",
                                                     change=_bad_slope(b"0 ")),
-                      SKIPPED, "rescale slope 0")
+                      SKIPPED, "Rescale Slope 0")
     yield HostileCase("non-numeric-rescale-slope",
                       _series("non-numeric-rescale-slope", change=_bad_slope(b"one ")),
-                      SKIPPED, "rescale slope is not a number")
+                      SKIPPED, "Rescale Slope is not a number")
     yield HostileCase("infinite-rescale-intercept",
                       _series("infinite-rescale-intercept",
                               change=lambda ds: _raw(ds, "RescaleIntercept", "DS", b"1e999 ")),
-                      SKIPPED, "rescale intercept is infinite")
+                      SKIPPED, "Rescale Intercept is infinite")
 
     # Character sets of names.
     yield HostileCase("name-iso-2022-ir-87", _series("name-iso-2022-ir-87",

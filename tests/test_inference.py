@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from triage.errors import InvalidInput, OutOfScope
-from triage.inference import resize_square, run_model
+from triage.inference import SliceFit, resample_to_spacing, resize_square, run_model
 from triage.pixels import decode_series
 from triage.priority import PriorityClass
 from triage.registry import ModelPackage
@@ -215,3 +216,48 @@ def test_resize_averages_2x2_blocks_and_pads_to_square() -> None:
     assert padded.shape == (4, 4)
     np.testing.assert_array_equal(padded[[0, 3]], 0)
     np.testing.assert_array_equal(padded[2], 1)
+
+
+def test_resample_to_spacing_averages_at_half_resolution_around_the_centre() -> None:
+    image = np.arange(64, dtype=np.float32).reshape(8, 8)
+    # 0.5 mm pixels seen at 1 mm: each output pixel is the mean of a 2 x 2 block.
+    half = resample_to_spacing(image, (0.5, 0.5), 1.0, 4)
+    np.testing.assert_allclose(half, image.reshape(4, 2, 4, 2).mean(axis=(1, 3)))
+    # A window larger than the image holds the image's minimum outside it.
+    padded = resample_to_spacing(image + 5, (1.0, 1.0), 1.0, 12)
+    np.testing.assert_array_equal(padded[2:10, 2:10], image + 5)
+    assert (padded[:2] == 5).all() and (padded[:, 10:] == 5).all()
+
+
+def test_resample_to_a_fine_spacing_computes_only_the_window() -> None:
+    image = np.zeros((4000, 4000), dtype=np.float32)
+    image[2000, 2000] = 1
+    window = resample_to_spacing(image, (1.0, 1.0), 0.01, 64)
+    assert window.shape == (64, 64) and window.max() > 0
+
+
+@pytest.mark.parametrize(("spacing", "reason"), [
+    (None, "Pixel Spacing is missing"), (["0", "0"], "Pixel Spacing is zero or negative"),
+    (["-0.5", "-0.5"], "Pixel Spacing is zero or negative"),
+    (["0.5"], "Pixel Spacing has 1 value(s), 2 expected"),
+])
+def test_a_model_in_millimetres_needs_a_usable_pixel_spacing(spacing, reason) -> None:
+    ds = _read("CT_small.dcm")
+    if spacing is None:
+        del ds.PixelSpacing
+    else:
+        ds.PixelSpacing = spacing
+    with pytest.raises(InvalidInput, match=re.escape(reason)):
+        decode_series([ds], "hu", slice_transform=SliceFit(64, pixel_spacing_mm=1.0))
+    decode_series([ds], "hu", slice_transform=SliceFit(64))  # a model that does not need it
+
+
+def test_a_ct_without_rescale_is_never_taken_as_hounsfield_units() -> None:
+    ds = _read("CT_small.dcm")
+    del ds.RescaleSlope, ds.RescaleIntercept
+    with pytest.raises(InvalidInput, match="Rescale Slope and Rescale Intercept are missing"):
+        decode_series([ds], "hu")
+    decode_series([ds], "raw")  # stored values are what a raw model asks for
+    mr = _read("MR_small.dcm")
+    assert "RescaleSlope" not in mr
+    np.testing.assert_array_equal(decode_series([mr], "hu").pixels[0], mr.pixel_array)

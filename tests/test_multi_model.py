@@ -72,3 +72,71 @@ def test_two_models_one_sr(clean_servers: Servers, models_dir: Path, tmp_path: P
     assert pixelmed_sr_errors(path) == []
     dump = dsrdump(path)
     assert "Head CT second opinion" in dump and "Head CT hyperdensity" in dump
+
+
+def _millimetre_package(models: Path) -> None:
+    """The head-CT graph behind a manifest that resamples images to 1 mm pixels."""
+    folder = models / "head-ct-millimetres"
+    shutil.copytree(HEAD_CT, folder)
+    manifest = yaml.safe_load((folder / "manifest.yaml").read_text())
+    manifest.update(id="head-ct-millimetres", version="0.1.0", name="Head CT in millimetres")
+    manifest["preprocessing"]["pixel_spacing_mm"] = 1.0
+    (folder / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+
+
+def _send_without_spacing(servers: Servers, tmp_path: Path, spacing: list[str] | None) -> str:
+    paths = write_study(tmp_path / "study", "head-ct-hyperdense")
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        if spacing is None:
+            del ds.PixelSpacing
+        else:
+            ds.PixelSpacing = spacing
+        ds.save_as(path, enforce_file_format=True)
+    storescu(servers.settings, paths)
+    watch_until(servers, Watcher(servers.settings, servers.orthanc, servers.redis), 1)
+    run_worker(burst=True)
+    return str(pydicom.dcmread(paths[0]).StudyInstanceUID)
+
+
+def test_a_model_in_millimetres_is_left_out_without_pixel_spacing_while_others_run(
+        clean_servers: Servers, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(HEAD_CT, models / "head-ct-hyperdensity")
+    _millimetre_package(models)
+    os.environ["TRIAGE_MODELS_DIR"] = str(models)
+    jobs.context.cache_clear()
+    try:
+        study = _send_without_spacing(clean_servers, tmp_path, None)
+    finally:
+        del os.environ["TRIAGE_MODELS_DIR"]
+        jobs.context.cache_clear()
+    item = Worklist(clean_servers.redis).get(study)
+    assert item is not None and item.status is StudyStatus.ANALYSED, item
+    assert {r.model for r in item.results} == {"head-ct-hyperdensity"}
+    assert item.priority.value == "critical"
+    assert item.status_reason == ("not analysed by head-ct-millimetres: Pixel Spacing is "
+                                  "missing: the model needs the images' size in millimetres")
+
+
+@pytest.mark.parametrize("spacing", [["0", "0"], ["0.478516", "0.478516"]])
+def test_a_model_in_millimetres_alone(clean_servers: Servers, tmp_path: Path,
+                                      spacing: list[str]) -> None:
+    """Zero spacing: skipped, naming the attribute; a real one: the bleed is found at 1 mm."""
+    models = tmp_path / "models"
+    _millimetre_package(models)
+    os.environ["TRIAGE_MODELS_DIR"] = str(models)
+    jobs.context.cache_clear()
+    try:
+        study = _send_without_spacing(clean_servers, tmp_path, spacing)
+    finally:
+        del os.environ["TRIAGE_MODELS_DIR"]
+        jobs.context.cache_clear()
+    item = Worklist(clean_servers.redis).get(study)
+    assert item is not None
+    if spacing[0] == "0":
+        assert item.status is StudyStatus.SKIPPED
+        assert item.status_reason.startswith("Pixel Spacing is zero or negative")
+    else:
+        assert item.status is StudyStatus.ANALYSED, item.status_reason
+        assert item.priority.value == "critical"

@@ -23,7 +23,7 @@ from triage.report import PROCESSING_ALGORITHM, build_report
 # The head CT test file has a single-component patient name; the SR copies it unchanged.
 pytestmark = pytest.mark.filterwarnings("ignore:The string .* person name:UserWarning")
 
-WHEN = dt.datetime(2024, 5, 1, 10, 30, 15, 250000)
+WHEN = dt.datetime(2024, 5, 1, 10, 30, 15, 250000, tzinfo=dt.UTC)
 MODEL = ModelIdentity(
     id="ich-ct",
     version="1.2.0",
@@ -137,8 +137,13 @@ def test_round_trip_copies_patient_and_study_into_a_new_series(written) -> None:
     assert sr.VerificationFlag == "UNVERIFIED"
     assert sr.Manufacturer == "Triage"
     assert sr.SeriesDescription == "AI triage result (unverified)"
-    assert sr.ContentDate == "20240501"
-    assert sr.ContentTime.startswith("103015")
+    # Every date and time is at the source's UTC offset (CT_small says -0500), or at the
+    # site zone's (UTC here) when the source has none.
+    offset = source.get("TimezoneOffsetFromUTC", "+0000")
+    assert sr.TimezoneOffsetFromUTC == offset
+    local = WHEN + dt.timedelta(hours=int(offset[:3]), minutes=int(offset[0] + offset[3:]))
+    assert sr.ContentDate == local.strftime("%Y%m%d")
+    assert sr.ContentTime.startswith(local.strftime("%H%M%S"))
 
 
 def test_contributing_equipment_names_the_algorithm(written) -> None:

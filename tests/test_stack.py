@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import httpx
@@ -75,13 +76,20 @@ class UpProcess:
 # Distinctive patient data: none of it may reach a log file.
 PRIVATE = {"PatientName": "QZXWVU^KLMNOP", "PatientID": "PID-7Q3Z9X",
            "PatientBirthDate": "19230417", "OtherPatientIDs": "OPID-44J2"}
+# The same for values the DICOM libraries warn about, quoting them: a name without a caret,
+# a birth date in the wrong format, an over-long ID.
+PRIVATE_INVALID = {"PatientName": "QZXWVUSOLO", "PatientBirthDate": "1923-04-18",
+                   "PatientID": "PIDX-" + "7Q3Z9" * 14}
 
 
 def distinctive_study(folder: Path) -> list[Path]:
     from tests.studies import ct_studies
 
     [paths] = ct_studies(folder.parent, 1, tag="private", **PRIVATE)
-    return paths
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        [invalid] = ct_studies(folder.parent, 1, tag="invalid", **PRIVATE_INVALID)
+    return paths + invalid
 
 
 def send(env: dict[str, str], files: list[Path]) -> None:
@@ -109,7 +117,7 @@ def test_up_runs_samples_stops_cleanly_and_resumes(tmp_path: Path) -> None:
         first.start()
         other.start()  # a second stack, side by side, with its own data and ports
         send(env_a, private)
-        items = first.wait_terminal(N_SAMPLES + 1)
+        items = first.wait_terminal(N_SAMPLES + 2)
         by_name = {i["patient_name"]: i for i in items}
         assert by_name["DEMO^HEADCT PHANTOM"]["priority"] == "critical"
         assert by_name["DEMO^HEADCT NORMAL"]["status"] == "analysed"
@@ -117,6 +125,7 @@ def test_up_runs_samples_stops_cleanly_and_resumes(tmp_path: Path) -> None:
         assert "MR" in by_name["DEMO^MR"]["status_reason"]
         assert items[0]["patient_name"] == "DEMO^HEADCT PHANTOM"
         assert any(i["patient_id"] == PRIVATE["PatientID"] for i in items)
+        assert by_name[PRIVATE_INVALID["PatientName"]]["status"] == "analysed"
         assert other.worklist()["total"] == 0
         assert other.get("/healthz").json()["status"] == "ok"
         pids = first.pids()
@@ -131,11 +140,11 @@ def test_up_runs_samples_stops_cleanly_and_resumes(tmp_path: Path) -> None:
     assert len(logs) >= 6
     for log in logs:
         text = log.read_text(errors="replace")
-        for value in PRIVATE.values():
+        for value in (*PRIVATE.values(), *PRIVATE_INVALID.values()):
             assert value not in text, f"{value} in {log.name}"
 
     again = UpProcess(env_a, tmp_path / "a2.log")
-    total = N_SAMPLES + 1
+    total = N_SAMPLES + 2
     try:
         again.start()
         resumed = again.worklist()

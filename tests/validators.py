@@ -89,7 +89,9 @@ def pixelmed_sr_errors(path: str | os.PathLike[str]) -> list[str]:
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, timeout=_TIMEOUT, check=False)
+    # Reports quote values in the object's own character set (ISO 2022 escapes, say).
+    return subprocess.run(command, capture_output=True, text=True, errors="replace",
+                          timeout=_TIMEOUT, check=False)
 
 
 def _split(output: str, *, error_prefix: str, warning_prefix: str) -> Report:

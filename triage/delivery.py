@@ -169,7 +169,9 @@ def deliver_webhook(study_uid: str, sr_uid: str, webhook_name: str) -> str:
             response = httpx.post(webhook.url, json=notification(ctx.settings, item),
                                   timeout=webhook.timeout_seconds)
         except httpx.TransportError as exc:
-            raise TransientError(f"{webhook.name} unreachable: {type(exc).__name__}") from exc
+            problem = "timed out" if isinstance(exc, httpx.TimeoutException) else (
+                "connection failed")
+            raise TransientError(f"{webhook.name} unreachable: {problem}") from exc
         if response.status_code >= 500 or response.status_code in (408, 429):
             raise TransientError(f"{webhook.name} answered {response.status_code}")
         if response.status_code >= 400:

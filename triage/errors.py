@@ -27,5 +27,37 @@ class InvalidInput(PermanentError):
     """The study cannot be analysed (undecodable, inconsistent): it ends as ``skipped``."""
 
 
+class StudyGone(PermanentError):
+    """The study, or an instance of it, is no longer in Orthanc (deleted meanwhile)."""
+
+
 class ModelPackageError(TriageError):
     """A model package is invalid or its weights do not match the manifest; it is refused."""
+
+
+# What radiologists read when an analysis did not end with a result; the technical cause goes
+# to administrators (the failed analyses listing, the logs), never into the worklist.
+_INTERNAL = ("the analysis stopped on an internal error; administrators see the cause in "
+             "the list of failed analyses")
+_REASONS: tuple[tuple[type[BaseException], str], ...] = (
+    (TransientError, "the image server did not answer"),
+    (ModelPackageError, "a model could not run on this study; administrators see the cause "
+                        "in the list of failed analyses"),
+)
+
+
+def status_reason(exc: BaseException) -> str:
+    """The worklist reason for ``exc``: the service's own explanation for a study it cannot
+    analyse (written for radiologists, free of patient data), a plain sentence otherwise;
+    never an exception's class name or a traceback."""
+    if isinstance(exc, OutOfScope | InvalidInput):
+        return str(exc)
+    for kind, reason in _REASONS:
+        if isinstance(exc, kind):
+            return reason
+    if isinstance(exc, StudyGone):
+        return "images of the study were deleted from the image server during the analysis"
+    if isinstance(exc, PermanentError):
+        return ("the image server refused a request of the analysis; administrators see the "
+                "cause in the list of failed analyses")
+    return _INTERNAL

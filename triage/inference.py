@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import replace
-from functools import partial
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from time import perf_counter
 
 import numpy as np
@@ -60,9 +59,28 @@ def infer(package: ModelPackage, volume: Volume, series_instance_uid: str) -> Mo
     )
 
 
-def slice_transform(prep: Preprocessing) -> Callable[[np.ndarray], np.ndarray]:
-    """What each decoded slice goes through before stacking: the resize to the model size."""
-    return partial(resize_square, size=prep.size)
+@dataclass(frozen=True)
+class SliceFit:
+    """The fit of each decoded slice to the model's ``size`` x ``size`` input
+    (``pixels.SliceTransform``): the whole image resized (``resize_square``), or, with
+    ``pixel_spacing_mm``, resampled to that pixel size around its centre
+    (``resample_to_spacing``)."""
+
+    size: int
+    pixel_spacing_mm: float | None = None
+
+    def __call__(self, image: np.ndarray,
+                 pixel_spacing: tuple[float, float] | None) -> np.ndarray:
+        if self.pixel_spacing_mm is None:
+            return resize_square(image, self.size)
+        if pixel_spacing is None:
+            raise ValueError("a fit in millimetres needs the image's pixel spacing")
+        return resample_to_spacing(image, pixel_spacing, self.pixel_spacing_mm, self.size)
+
+
+def slice_transform(prep: Preprocessing) -> SliceFit:
+    """What each decoded slice goes through before stacking: the fit to the model's input."""
+    return SliceFit(prep.size, prep.pixel_spacing_mm)
 
 
 def with_timings(result: ModelResult, **seconds: float) -> ModelResult:
@@ -188,6 +206,38 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     image = image[low] * (1 - weight[:, None]) + image[high] * weight[:, None]
     image = image[:, low] * (1 - weight[None, :]) + image[:, high] * weight[None, :]
     return image.astype(np.float32, copy=False)
+
+
+def resample_to_spacing(image: np.ndarray, pixel_spacing: tuple[float, float],
+                        target_mm: float, size: int) -> np.ndarray:
+    """The ``size`` x ``size`` window around ``image``'s centre, resampled (bilinear) so that
+    each pixel is ``target_mm`` wide; outside the image it holds the image's minimum.
+
+    Only the window is computed, so a fine target on a large image allocates ``size``
+    squared values, not the whole image at the new spacing.
+    """
+    background = float(image.min())
+    rows, inside_rows = _centred_taps(image.shape[0], size, target_mm / pixel_spacing[0])
+    cols, inside_cols = _centred_taps(image.shape[1], size, target_mm / pixel_spacing[1])
+    low, high, weight = rows
+    image = image[low] * (1 - weight[:, None]) + image[high] * weight[:, None]
+    low, high, weight = cols
+    image = image[:, low] * (1 - weight[None, :]) + image[:, high] * weight[None, :]
+    image[~inside_rows, :] = background
+    image[:, ~inside_cols] = background
+    return image.astype(np.float32, copy=False)
+
+
+def _centred_taps(n_in: int, n_out: int, step: float
+                  ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """Linear-interpolation taps of ``n_out`` samples ``step`` source pixels apart, centred
+    on the source, and which samples fall inside it."""
+    centre = (np.arange(n_out, dtype=np.float64) + 0.5 - n_out / 2) * step + n_in / 2 - 0.5
+    inside = (centre >= -0.5) & (centre <= n_in - 0.5)
+    centre = np.clip(centre, 0, n_in - 1)
+    low = np.floor(centre).astype(np.intp)
+    high = np.minimum(low + 1, n_in - 1)
+    return (low, high, (centre - low).astype(np.float32)), inside
 
 
 def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -20,7 +20,13 @@ import redis
 from rq import get_current_job
 
 from triage import audit, delivery
-from triage.errors import InvalidInput, OutOfScope, PermanentError, TransientError
+from triage.errors import (
+    InvalidInput,
+    OutOfScope,
+    PermanentError,
+    TransientError,
+    status_reason,
+)
 from triage.findings import ModelResult
 from triage.inference import infer, slice_transform, with_timings
 from triage.ingest import SourceSeries, StudySnapshot, snapshot_study
@@ -98,19 +104,21 @@ def analyse_study(orthanc_id: str, study_instance_uid: str, inputs: str) -> str:
         status = _analyse(ctx, orthanc_id, study_instance_uid, inputs)
     except (OutOfScope, InvalidInput) as exc:
         status = StudyStatus.SKIPPED
-        _set_status(ctx, study_instance_uid, inputs, status, str(exc))
+        _set_status(ctx, study_instance_uid, inputs, status, status_reason(exc))
     except TransientError as exc:
+        # The technical cause is for administrators: here, and in RQ's failed jobs.
+        log.warning("study %s: %s", key, exc)
         job = get_current_job()
         if job is not None and job.should_retry:
             _set_status(ctx, study_instance_uid, inputs, StudyStatus.QUEUED,
-                        f"will retry: {exc}")
+                        f"{status_reason(exc)}; the analysis will be tried again")
         else:
-            _set_status(ctx, study_instance_uid, inputs, StudyStatus.FAILED, str(exc))
+            _set_status(ctx, study_instance_uid, inputs, StudyStatus.FAILED,
+                        f"{status_reason(exc)} after several attempts")
         raise
     except Exception as exc:
-        reason = str(exc) if isinstance(exc, PermanentError) else (
-            f"analysis error: {type(exc).__name__}: {exc}")
-        _set_status(ctx, study_instance_uid, inputs, StudyStatus.FAILED, reason)
+        log.error("study %s: analysis failed (%s)", key, type(exc).__name__)
+        _set_status(ctx, study_instance_uid, inputs, StudyStatus.FAILED, status_reason(exc))
         _no_retry()
         raise
     log.info("study %s %s", key, status.value if isinstance(status, StudyStatus) else status)
@@ -160,18 +168,30 @@ def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str,
     results: list[ModelResult] = []
     evidence: dict[str, pydicom.Dataset] = {}
     orthanc_ids: dict[str, str] = {}
+    refused: list[tuple[str, InvalidInput]] = []
     for package, series in chosen:
-        loaded = load_series(ctx, package, series)
+        try:
+            loaded = load_series(ctx, package, series)
+        except InvalidInput as exc:
+            # This model cannot use these images (its calibration or geometry is missing,
+            # say); the other models still run.
+            refused.append((package.manifest.id, exc))
+            continue
         timings = {name: loaded.timings[name] for name in ("fetch", "decode")}
         results.append(with_timings(
             infer(package, loaded.volume, series.info.series_instance_uid), **timings))
         for header in loaded.headers:
             evidence.setdefault(header.SOPInstanceUID, header)
         orthanc_ids.update(loaded.orthanc_ids)
+    if not results:
+        if len(refused) == 1:
+            raise refused[0][1]
+        raise InvalidInput("; ".join(f"{model}: {exc}" for model, exc in refused))
     started = time.perf_counter()
     report = build_report(evidence=list(evidence.values()), results=results,
                           inputs_fingerprint=snapshot.inputs,
-                          predecessors=_earlier_reports(ctx, snapshot, results))
+                          predecessors=_earlier_reports(ctx, snapshot, results),
+                          site_zone=ctx.settings.site_zone)
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, report, enforce_file_format=True)
     built = time.perf_counter()
@@ -179,7 +199,8 @@ def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str,
     stored = time.perf_counter()
     sr_uid = str(report.SOPInstanceUID)
     _record_results(ctx, snapshot, results, sr_uid,
-                    {"sr_build": built - started, "store": stored - built})
+                    {"sr_build": built - started, "store": stored - built},
+                    note="; ".join(f"not analysed by {model}: {exc}" for model, exc in refused))
     if any(d.key_images for d in ctx.settings.destinations):
         _store_key_image(ctx, results, orthanc_ids, sr_uid)
     item = ctx.worklist.get(study_uid)
@@ -204,7 +225,11 @@ def _store_key_image(ctx: WorkerContext, results: Sequence[ModelResult],
     except PermanentError as exc:  # e.g. deleted since: the SR and results stand without it
         log.warning("key image not made: %s", exc)
         return
-    image = build_key_image(source, finding, model, sr_uid)
+    try:
+        image = build_key_image(source, finding, model, sr_uid, site_zone=ctx.settings.site_zone)
+    except InvalidInput as exc:  # the SR stands; the picture of its key image cannot be made
+        log.warning("key image not made: %s", exc)
+        return
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, image, enforce_file_format=True)
     ctx.orthanc.store(buffer.getvalue())
@@ -272,7 +297,7 @@ def _record_series(ctx: WorkerContext, snapshot: StudySnapshot, inputs: str) -> 
 
 
 def _record_results(ctx: WorkerContext, snapshot: StudySnapshot, results: list[ModelResult],
-                    sr_uid: str, report_timings: dict[str, float]) -> None:
+                    sr_uid: str, report_timings: dict[str, float], note: str = "") -> None:
     findings = [
         FindingItem(code=f.concept.value, scheme=f.concept.scheme, meaning=f.concept.meaning,
                     probability=f.probability, threshold=f.threshold, positive=f.positive,
@@ -300,7 +325,7 @@ def _record_results(ctx: WorkerContext, snapshot: StudySnapshot, results: list[M
         reasons += [r for r in (f"AI: {f.meaning} (p={f.probability:.2f}, {f.model} "
                                 f"{f.model_version})" for f in raised) if r not in reasons]
         return item.model_copy(update={
-            "status": StudyStatus.ANALYSED, "status_reason": "",
+            "status": StudyStatus.ANALYSED, "status_reason": note,
             "priority": priority, "priority_reasons": reasons,
             "score": max((f.probability for f in findings), default=0.0),
             "findings": findings, "results": result_items,

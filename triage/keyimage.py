@@ -7,6 +7,8 @@ image goes in a new series of the same study; its UIDs derive from the SR it ill
 
 from __future__ import annotations
 
+import datetime as dt
+
 import numpy as np
 import pydicom
 from highdicom.sc import SCImage
@@ -14,6 +16,9 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import UID
 
 from triage.findings import Finding, ModelIdentity
+from triage.manifest import Rescale
+from triage.pixels import decode_instance
+from triage.source_header import source_header
 from triage.uids import derived_uid, key_image_series_uid
 
 SERIES_NUMBER = 7101
@@ -27,40 +32,57 @@ def key_image_uid(sr_uid: str) -> UID:
 
 
 def build_key_image(source: pydicom.Dataset, finding: Finding, model: ModelIdentity,
-                    sr_uid: str) -> SCImage:
-    """A Secondary Capture of ``source`` (the key slice) with the finding burned in."""
+                    sr_uid: str, *, created: dt.datetime | None = None,
+                    site_zone: dt.tzinfo = dt.UTC) -> SCImage:
+    """A Secondary Capture of ``source`` (the key slice) with the finding burned in.
+
+    Patient and study attributes are copied as for the SR (``triage.source_header``);
+    ``created`` (aware; defaults to now) is written at the same UTC offset as the SR's.
+    """
     lines = ["AI RESULT - UNVERIFIED - NOT A DIAGNOSIS",
              f"{finding.concept.meaning}: p={finding.probability:.2f} "
              f"({model.name} {model.version})"]
     pixels = _with_text(_display(source), lines)
+    header = source_header(source, site_zone=site_zone, own_texts=[lines[1]])
+    when = header.local(created if created is not None else dt.datetime.now(dt.UTC))
     image = SCImage.from_ref_dataset(
-        ref_dataset=source,
+        ref_dataset=header.dataset,
         pixel_array=pixels,
         photometric_interpretation="MONOCHROME2",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=key_image_series_uid(str(source.StudyInstanceUID)),
+        series_instance_uid=key_image_series_uid(str(header.dataset.StudyInstanceUID)),
         series_number=SERIES_NUMBER,
         sop_instance_uid=key_image_uid(sr_uid),
         instance_number=1,
         manufacturer="Triage",
         patient_orientation=("L", "P"),
         transfer_syntax_uid="1.2.840.10008.1.2.1",
+        content_date=when.date(),
+        content_time=when.time(),
+        specific_character_set=None,  # set by header.finish
     )
+    header.pin_times(image, when)
     image.BurnedInAnnotation = "YES"
     # General Series Laterality (Type 2C): present and empty, the anatomy is not paired.
     image.Laterality = ""
     image.SeriesDescription = "AI key image (unverified)"
-    image.ImageComments = "AI result, unverified: " + lines[1]
+    if "StudyDescription" in header.dataset:
+        image.StudyDescription = header.dataset.StudyDescription
+    image.ImageComments = header.text("AI result, unverified: " + lines[1], "LT")
+    header.finish(image)
     return image
 
 
 def _display(source: pydicom.Dataset) -> np.ndarray:
-    """The slice as 8-bit greyscale, brighter meaning denser."""
-    values = source.pixel_array.astype(np.float32)
-    values = values * float(source.get("RescaleSlope", 1) or 1) + float(
-        source.get("RescaleIntercept", 0) or 0)
-    if str(source.get("Modality", "")).upper() == "CT":
+    """The slice (the first frame of a multi-frame image) as 8-bit greyscale, brighter
+    meaning denser. Raises InvalidInput as the analysis's decoder does."""
+    decoded = decode_instance(source, Rescale.HU)
+    for error in (decoded.header_error, decoded.pixel_error):
+        if error is not None:
+            raise error
+    values = decoded.frames[0]
+    if str(source.get("Modality", "")).strip().upper() == "CT":
         centre, width = CT_WINDOW
         low, high = centre - width / 2, centre + width / 2
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 
 
 def pseudonym(study_instance_uid: str) -> str:
@@ -22,6 +23,11 @@ def configure_logging(component: str) -> None:
         level=level,
         format=f"%(asctime)s {component}[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
-    # Request lines and per-module copy notes drown the service's own messages.
-    for noisy in ("httpx", "highdicom"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Request lines drown the service's own messages.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # The DICOM libraries quote the values they warn about (an invalid birth date, a patient
+    # name without a caret): patient data that must not reach a log. Their errors still do,
+    # and the service says itself what it does about invalid values.
+    for library in ("pydicom", "highdicom"):
+        logging.getLogger(library).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module=rf"{library}(\..*)?$")

@@ -134,6 +134,11 @@ class Preprocessing(_Strict):
     input: _NAME
     size: int = Field(ge=8, le=2048)
     rescale: Rescale
+    pixel_spacing_mm: float | None = Field(
+        default=None, gt=0, le=100,
+        description="Resample each image to this pixel size (mm) around its centre instead "
+        "of resizing the whole image to `size`; images without a usable Pixel Spacing are "
+        "then not analysed")
     window: Window | None = None
     normalisation: Normalisation = Normalisation.NONE
     channels: Literal[1, 3] = 1

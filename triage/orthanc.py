@@ -19,7 +19,7 @@ import pydicom
 import urllib3
 from pyorthanc import Orthanc
 
-from triage.errors import PermanentError, TransientError
+from triage.errors import PermanentError, StudyGone, TransientError
 from triage.settings import Settings
 
 DEFAULT_TIMEOUT = 60.0
@@ -27,10 +27,6 @@ DEFAULT_TIMEOUT = 60.0
 FILE_CONNECTIONS = 8
 # Orthanc answers these while starting or overloaded; anything else 4xx is permanent.
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
-
-
-class StudyGone(PermanentError):
-    """The study was deleted from Orthanc before it could be analysed."""
 
 
 @dataclass(frozen=True)
@@ -58,12 +54,19 @@ def orthanc_time(value: str) -> datetime | None:
         return None
 
 
+def _transport_problem(exc: Exception) -> str:
+    """A connection failure in words (the exception itself stays chained for the logs)."""
+    timeout = (httpx.TimeoutException, urllib3.exceptions.TimeoutError)
+    return "timed out" if isinstance(exc, timeout) else "connection failed"
+
+
 @contextmanager
 def _reachable(what: str) -> Iterator[None]:
     try:
         yield
     except httpx.TransportError as exc:
-        raise TransientError(f"Orthanc unreachable for {what}: {type(exc).__name__}") from exc
+        raise TransientError(f"Orthanc unreachable for {what}: {_transport_problem(exc)}"
+                             ) from exc
 
 
 def _check_status(what: str, status: int) -> None:
@@ -240,7 +243,8 @@ class OrthancClient:
                 "GET", f"{self._file_prefix}/instances/{instance_id}/file",
                 headers=self._file_headers, timeout=self._file_timeout, retries=False)
         except urllib3.exceptions.HTTPError as exc:
-            raise TransientError(f"Orthanc unreachable for {what}: {type(exc).__name__}") from exc
+            raise TransientError(f"Orthanc unreachable for {what}: {_transport_problem(exc)}"
+                                 ) from exc
         _check_status(what, response.status)
         return response.data
 

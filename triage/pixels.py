@@ -11,8 +11,9 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -22,7 +23,20 @@ from pydicom.uid import UID
 from triage.errors import InvalidInput
 from triage.manifest import Rescale
 
-SliceTransform = Callable[[np.ndarray], np.ndarray]
+
+class SliceTransform(Protocol):
+    """What each decoded slice goes through before stacking: the fit to the model's input.
+
+    With ``pixel_spacing_mm`` set, the fit works in millimetres: every image must then have
+    a usable Pixel Spacing, which the transform receives as (row, column) spacing.
+    """
+
+    @property
+    def pixel_spacing_mm(self) -> float | None: ...
+
+    def __call__(self, image: np.ndarray,
+                 pixel_spacing: tuple[float, float] | None) -> np.ndarray: ...
+
 
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 # Largest image side the decoder accepts, and the largest decoded size of one instance: a
@@ -32,6 +46,10 @@ MAX_DECODED_MEGABYTES = 2048
 _BITS_ALLOCATED = (8, 16, 32)
 # A UID per PS3.5 9.1: digits in components without leading zeros, at most 64 characters.
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# Storage classes whose pixel values Rescale Slope/Intercept turn into Hounsfield units:
+# CT Image, Enhanced CT Image, Legacy Converted Enhanced CT Image.
+_CT_STORAGE = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1",
+               "1.2.840.10008.5.1.4.1.1.2.2"}
 
 
 @dataclass(frozen=True)
@@ -79,14 +97,24 @@ def decode_instance(ds: Dataset, rescale: Rescale,
     try:
         _check_identifiers(ds)
         _check_decodable(ds)
+        frames = _integer(ds, "NumberOfFrames", default=1)
+        # Calibration and geometry are read before anything is decoded: a model never runs
+        # on guessed Hounsfield units or a guessed pixel size.
+        for frame in range(frames):
+            _rescale(ds, frame, required=rescale is Rescale.HU and _is_ct(ds))
+        spacings = [_pixel_spacing(ds, frame) for frame in range(frames)] if (
+            slice_transform is not None and slice_transform.pixel_spacing_mm is not None) else (
+            [None] * frames)
     except InvalidInput as exc:
         return DecodedInstance(ds, header_error=exc)
     try:
-        frames = _frames(ds, rescale)
+        decoded = _frames(ds, rescale)
     except InvalidInput as exc:
         return DecodedInstance(ds, pixel_error=exc)
-    return DecodedInstance(ds, [slice_transform(f) for f in frames] if slice_transform
-                           else frames)
+    if slice_transform is None:
+        return DecodedInstance(ds, decoded)
+    return DecodedInstance(ds, [slice_transform(values, spacing)
+                                for values, spacing in zip(decoded, spacings, strict=True)])
 
 
 def assemble(instances: Sequence[DecodedInstance]) -> Volume:
@@ -302,7 +330,7 @@ def _values(ds: Dataset, stored: np.ndarray, frame: int, rescale: Rescale) -> np
     if rescale is Rescale.HU:
         # Slope/intercept map stored values to output units (Hounsfield units for CT);
         # MONOCHROME1 only changes how they are displayed, not what they mean.
-        slope, intercept = _rescale(ds, frame)
+        slope, intercept = _rescale(ds, frame, required=False)
         return values * np.float32(slope) + np.float32(intercept)
     if ds.PhotometricInterpretation == "MONOCHROME1":
         # Invert so that higher always means brighter, within the stored bit depth.
@@ -312,33 +340,95 @@ def _values(ds: Dataset, stored: np.ndarray, frame: int, rescale: Rescale) -> np
     return values
 
 
-def _rescale(ds: Dataset, frame: int) -> tuple[float, float]:
-    """Rescale slope and intercept: top level, else the functional groups of enhanced images
-    (Pixel Value Transformation, PS3.3 C.7.6.16.2.9), shared or of the frame."""
-    sources = [ds]
+def _is_ct(ds: Dataset) -> bool:
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    return modality == "CT" or str(ds.get("SOPClassUID", "")).strip() in _CT_STORAGE
+
+
+def _functional_groups(ds: Dataset, frame: int, sequence: str) -> list[Dataset]:
+    """The items of ``sequence`` (a functional group macro) that apply to ``frame`` of an
+    enhanced image: the frame's own first, then the shared ones."""
+    found = []
     for keyword, index in (("PerFrameFunctionalGroupsSequence", frame),
                            ("SharedFunctionalGroupsSequence", 0)):
         groups = ds.get(keyword)
         if groups and len(groups) > index:
-            transform = groups[index].get("PixelValueTransformationSequence")
-            if transform:
-                sources.append(transform[0])
+            items = groups[index].get(sequence)
+            if items:
+                found.append(items[0])
+    return found
+
+
+def _rescale(ds: Dataset, frame: int, *, required: bool) -> tuple[float, float]:
+    """Rescale Slope and Intercept: top level, else the functional groups of enhanced images
+    (Pixel Value Transformation, PS3.3 C.7.6.16.2.9), shared or of the frame.
+
+    ``required`` (Hounsfield units of a CT): both must be present and usable; otherwise the
+    identity applies where none is given. (Rescale Type is not read: scanners and even
+    enhanced CT files write ``US`` for values that are Hounsfield units.)
+    """
+    sources = [ds, *_functional_groups(ds, frame, "PixelValueTransformationSequence")]
     for source in sources:
-        if "RescaleSlope" in source or "RescaleIntercept" in source:
-            slope = _decimal(source.get("RescaleSlope"), "rescale slope", 1.0)
-            intercept = _decimal(source.get("RescaleIntercept"), "rescale intercept", 0.0)
-            if slope == 0:
-                raise InvalidInput("rescale slope 0 maps every pixel to the same value")
-            return slope, intercept
+        if "RescaleSlope" not in source and "RescaleIntercept" not in source:
+            continue
+        if required:
+            for keyword, name in (("RescaleSlope", "Rescale Slope"),
+                                  ("RescaleIntercept", "Rescale Intercept")):
+                if keyword not in source:
+                    raise InvalidInput(f"{name} is missing: the CT's Hounsfield units are "
+                                       "unknown")
+        slope = _decimal(source.get("RescaleSlope"), "Rescale Slope",
+                         None if required else 1.0)
+        intercept = _decimal(source.get("RescaleIntercept"), "Rescale Intercept",
+                             None if required else 0.0)
+        if slope == 0:
+            raise InvalidInput("Rescale Slope 0 maps every pixel to the same value")
+        return slope, intercept
+    if required:
+        raise InvalidInput("Rescale Slope and Rescale Intercept are missing: the CT's "
+                           "Hounsfield units are unknown")
     return 1.0, 0.0
 
 
-def _decimal(value: object, name: str, default: float) -> float:
-    """A Decimal String attribute as a finite float; ``default`` when empty."""
-    if value is None or str(value).strip() == "":
+def _pixel_spacing(ds: Dataset, frame: int) -> tuple[float, float]:
+    """Pixel Spacing (row, column) in millimetres: top level, else the Pixel Measures
+    functional group of enhanced images. Raises InvalidInput when it is not usable."""
+    sources = [ds, *_functional_groups(ds, frame, "PixelMeasuresSequence")]
+    source = next((s for s in sources if "PixelSpacing" in s), None)
+    if source is None:
+        raise InvalidInput("Pixel Spacing is missing: the model needs the images' size "
+                           "in millimetres")
+    found = _many(source.get("PixelSpacing"))
+    if len(found) != 2:
+        raise InvalidInput(f"Pixel Spacing has {len(found)} value(s), 2 expected")
+    spacing = tuple(_decimal(v, "Pixel Spacing", None) for v in found)
+    if not all(value > 0 for value in spacing):
+        raise InvalidInput("Pixel Spacing is zero or negative: the images' size in "
+                           "millimetres is unknown")
+    return spacing[0], spacing[1]
+
+
+def _many(value: object) -> list[object]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+        return [value]
+    return list(value)  # type: ignore[call-overload]
+
+
+def _decimal(value: object, name: str, default: float | None) -> float:
+    """A Decimal String attribute as a finite float; ``default`` when empty (an error when
+    there is no default)."""
+    found = _many(value)
+    if len(found) > 1:
+        raise InvalidInput(f"{name} has {len(found)} values, one expected")
+    text = str(found[0]).strip() if found else ""
+    if text == "":
+        if default is None:
+            raise InvalidInput(f"{name} is empty: no value to compute with")
         return default
     try:
-        number = float(str(value).strip())
+        number = float(text)
     except ValueError:
         raise InvalidInput(f"{name} is not a number") from None
     if math.isnan(number):

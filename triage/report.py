@@ -8,16 +8,18 @@ the output follows".
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from collections.abc import Sequence
 
 import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.valuerep import DA, DT, TM
 
 from triage import __version__, uids
+from triage.errors import InvalidInput
 from triage.findings import Finding, ModelIdentity, ModelResult
+from triage.source_header import source_header
 
 MANUFACTURER = "Triage"
 SERIES_DESCRIPTION = "AI triage result (unverified)"
@@ -50,14 +52,18 @@ def build_report(
     inputs_fingerprint: str,
     content_datetime: dt.datetime | None = None,
     predecessors: Sequence[pydicom.Dataset] = (),
+    site_zone: dt.tzinfo = dt.UTC,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the SR of one analysis of one study.
 
     ``evidence`` are the headers of the source instances (same patient, same study); patient
-    and study attributes are copied from them and the SR goes in a new series of that study.
-    UIDs are derived from the study, the models (``id@version``) and ``inputs_fingerprint``,
-    so a retried job writes the same SR. ``content_datetime`` defaults to now; a retry passes
-    the original one to reproduce the SR exactly.
+    and study attributes are copied from them, identifiers exactly and everything else made
+    valid for its VR (``triage.source_header``), and the SR goes in a new series of that
+    study. UIDs are derived from the study, the models (``id@version``) and
+    ``inputs_fingerprint``, so a retried job writes the same SR. ``content_datetime`` (aware;
+    naive means UTC) defaults to now; a retry passes the original one to reproduce the SR
+    exactly. Dates and times are written at the source's UTC offset, or at ``site_zone``'s
+    offset at the time of the study.
 
     ``predecessors`` are the earlier SRs of the same study that this one supersedes (a
     re-analysis after more instances arrived); they are referenced in the Predecessor Documents
@@ -69,8 +75,11 @@ def build_report(
     # Input order must not change the SR: a retry may list instances or models differently.
     evidence = sorted(evidence, key=lambda ds: (ds.SeriesInstanceUID, ds.SOPInstanceUID))
     results = sorted(results, key=lambda r: _model_key(r.model))
-    when = content_datetime if content_datetime is not None else dt.datetime.now()
-    study_uid = evidence[0].StudyInstanceUID
+    header = source_header(evidence[0], site_zone=site_zone,
+                           own_texts=[t for r in results for t in _own_texts(r)])
+    created = content_datetime if content_datetime is not None else dt.datetime.now(dt.UTC)
+    when = header.local(created)
+    study_uid = str(header.dataset.StudyInstanceUID)
     sop_instance_uid = uids.sr_instance_uid(
         study_uid, [_model_key(r.model) for r in results], inputs_fingerprint
     )
@@ -84,33 +93,48 @@ def build_report(
         observation_context=hd.sr.ObservationContext(
             observer_device_context=_device_observer([r.model for r in results])
         ),
-        procedure_reported=procedure_reported(evidence[0]),
+        procedure_reported=procedure_reported(header.dataset),
         imaging_measurements=groups,
     )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
-        content=report[0],
-        series_instance_uid=uids.sr_series_uid(study_uid),
-        series_number=SERIES_NUMBER,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MANUFACTURER,
-        software_versions=__version__,
-        series_description=SERIES_DESCRIPTION,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        contributing_equipment=[_algorithm_equipment(r.model, when) for r in results],
-        content_date=when.date(),
-        content_time=when.time(),
-        series_date=when.date(),
-        series_time=when.time(),
-        previous_versions=previous_versions or None,
-    )
-    _pin_creation_time(sr, when)
-    _deidentification(sr, evidence[0])
+    try:
+        sr = hd.sr.Comprehensive3DSR(
+            # highdicom copies the first instance's header (here the cleaned copy) and reads
+            # only the UIDs of the others, to reference them.
+            evidence=[header.dataset, *evidence[1:]],
+            content=report[0],
+            series_instance_uid=uids.sr_series_uid(study_uid),
+            series_number=SERIES_NUMBER,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=MANUFACTURER,
+            software_versions=__version__,
+            series_description=SERIES_DESCRIPTION,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            contributing_equipment=[_algorithm_equipment(r.model, when) for r in results],
+            content_date=when.date(),
+            content_time=when.time(),
+            series_date=when.date(),
+            series_time=when.time(),
+            previous_versions=previous_versions or None,
+            specific_character_set=None,  # set by header.finish
+        )
+    except KeyError as exc:  # highdicom knows the modules of standard storage classes only
+        raise InvalidInput("the images are of a storage class (SOP Class UID) that the "
+                           "result report cannot describe") from exc
+    header.pin_times(sr, when)
+    _deidentification(sr, header.dataset)
+    header.finish(sr)
     return sr
+
+
+def _own_texts(result: ModelResult) -> list[str]:
+    """The texts of a model and its findings that the SR carries."""
+    model = result.model
+    return [model.name, model.manufacturer, model.version,
+            *(f.concept.meaning for f in result.findings)]
 
 
 def _deidentification(sr: hd.sr.Comprehensive3DSR, source: pydicom.Dataset) -> None:
@@ -151,7 +175,9 @@ def _check_inputs(
     if not inputs:
         raise ValueError(f"inputs_fingerprint must not be empty, got {inputs!r}")
     for attribute in ("StudyInstanceUID", "PatientID"):
-        values = {str(ds.get(attribute, "")) for ds in evidence}
+        with warnings.catch_warnings():  # undecodable bytes: replaced, the same way each time
+            warnings.simplefilter("ignore")
+            values = {_identifier(ds, attribute) for ds in evidence}
         if len(values) != 1:
             # Count only: the values are patient identifiers and errors end up in logs.
             raise ValueError(f"evidence mixes {len(values)} different {attribute} values")
@@ -195,7 +221,7 @@ def _check_predecessors(
                 f"{name} belongs to another study than the evidence "
                 "(StudyInstanceUID differs); an SR supersedes SRs of its own study only"
             )
-        if str(predecessor.get("PatientID", "")) != str(source.get("PatientID", "")):
+        if _identifier(predecessor, "PatientID") != _identifier(source, "PatientID"):
             raise ValueError(f"{name} has another PatientID than the evidence")
         if predecessor.SOPInstanceUID == sop_instance_uid:
             raise ValueError(
@@ -205,6 +231,12 @@ def _check_predecessors(
         unique[str(predecessor.SOPInstanceUID)] = predecessor
     # Input order must not change the SR, as for the evidence.
     return sorted(unique.values(), key=lambda ds: (ds.SeriesInstanceUID, ds.SOPInstanceUID))
+
+
+def _identifier(ds: pydicom.Dataset, keyword: str) -> str:
+    """An identifier as text, as Orthanc compares it: instances of one study may write the
+    same Patient ID in different character sets."""
+    return str(ds.get(keyword, "") or "").strip(" \0")
 
 
 def _model_key(model: ModelIdentity) -> str:
@@ -285,14 +317,3 @@ def _algorithm_equipment(model: ModelIdentity, when: dt.datetime) -> hd.Contribu
     equipment.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(PROCESSING_ALGORITHM)]
     equipment.DeviceUID = _device_uid(model)
     return equipment
-
-
-def _pin_creation_time(sr: hd.sr.Comprehensive3DSR, when: dt.datetime) -> None:
-    """Replace the wall-clock stamps highdicom adds so a retry reproduces the same SR."""
-    sr.InstanceCreationDate = DA(when.date())
-    sr.InstanceCreationTime = TM(when.time())
-    # Only the items contributed while creating this SR (the algorithms and highdicom itself)
-    # carry a Contribution DateTime; acquisition equipment copied from the source does not.
-    for item in sr.ContributingEquipmentSequence:
-        if "ContributionDateTime" in item:
-            item.ContributionDateTime = DT(when)

@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 from urllib.parse import quote
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -142,6 +143,11 @@ class Settings(BaseSettings):
         description="Waits between delivery attempts; the last repeats")
     delivery_retries: int = Field(
         default=24, ge=0, description="Attempts after the first (24: a bit over 3 hours)")
+    timezone: str = Field(
+        default="UTC", description="The site's time zone (IANA name, e.g. Europe/Paris): the "
+        "UTC offset written into results of studies that do not state their own. Containers "
+        "run in UTC, so the process's zone is never used"
+    )
     development: bool = Field(
         default=True, description="Allows generated secrets; hospitals set it to false"
     )
@@ -158,7 +164,21 @@ class Settings(BaseSettings):
             raise ValueError(f"placeholder secret {value!r} refused: set a real one")
         return value
 
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}: use an IANA name such as "
+                             "Europe/Paris") from None
+        return value
+
     # -- derived values -------------------------------------------------------------------
+
+    @property
+    def site_zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
 
     @property
     def local_orthanc(self) -> bool:

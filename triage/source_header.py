@@ -1,0 +1,266 @@
+"""What the service's own objects (the SR, the key image) copy from a source instance.
+
+DESIGN.md, "Never write an invalid object", and the rule of issue 12:
+
+- **Identifiers are copied exactly**, byte for byte: Patient ID, Issuer of Patient ID,
+  Accession Number and the UIDs. They tie a result to its patient, study and order (Orthanc
+  files an instance under a hash of Patient ID and Study Instance UID; a PACS or RIS matches
+  on them), so even an identifier that is invalid for its VR is kept as it is.
+- **Everything else** is made valid for its VR (``triage.dicom_values``): cut to its length,
+  invalid characters removed, an invalid date, time, age or number dropped. Type 2 attributes
+  that are absent or dropped are written empty.
+- **Character set:** the source's Specific Character Set when DICOM defines it and every text
+  the object carries can be written in it (so identifiers keep their bytes and meaning);
+  otherwise UTF-8 (``ISO_IR 192``), or none when every text is ASCII.
+- **Time zone:** Timezone Offset From UTC applies to every date and time of an instance,
+  the copied Study Date and Time included. The source's own offset is copied when it has a
+  valid one; otherwise the offset of the site's time zone at the time of the study (so a
+  study made in winter and analysed in summer keeps its winter offset), and the service's
+  own dates and times are written at that same offset.
+
+The source stays untouched in Orthanc; only the copies are cleaned.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.charset import convert_encodings, encode_string
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import Tag
+from pydicom.valuerep import DA, DT, TM
+
+from triage import dicom_values as values
+
+# Copied byte for byte (see the module docstring).
+IDENTIFIERS = ("PatientID", "IssuerOfPatientID", "AccessionNumber")
+_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+# Patient, General Study and Patient Study attributes the objects carry, with how each is
+# made valid. Type 2 ones are written empty when nothing valid is left.
+_TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+           "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+_PERSON_NAMES = ("PatientName", "ReferringPhysicianName")
+_STRINGS = ("StudyID", "StudyDescription", "Manufacturer", "ManufacturerModelName",
+            "DeviceSerialNumber", "InstitutionName", "InstitutionalDepartmentName",
+            "InstitutionAddress", "StationName")
+_MULTI_STRINGS = ("SoftwareVersions", "DeidentificationMethod")
+_DATES = ("PatientBirthDate", "StudyDate", "AcquisitionDate")
+_TIMES = ("StudyTime", "AcquisitionTime")
+_DECIMALS = ("PatientSize", "PatientWeight")
+_SEXES = ("M", "F", "O")
+_ACQUISITION_EQUIPMENT = "109101"  # DCM, Purpose of Reference (CID 7005)
+
+
+@dataclass(frozen=True)
+class SourceHeader:
+    """The copyable part of a source instance, valid for every VR, with the character set and
+    the UTC offset the service's object must declare.
+
+    ``dataset`` is what highdicom is given as the source; ``finish`` then puts the
+    identifiers' original bytes, the character set and the offset into the built object.
+    """
+
+    dataset: Dataset
+    identifiers: dict[str, bytes]
+    character_set: list[str] | None
+    offset: dt.timezone
+
+    @property
+    def encodings(self) -> tuple[str, ...]:
+        return values.encodings(self.character_set)
+
+    def local(self, moment: dt.datetime) -> dt.datetime:
+        """``moment`` (aware) as the naive date and time written at this header's offset;
+        a naive ``moment`` is taken as UTC."""
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.UTC)
+        return moment.astimezone(self.offset).replace(tzinfo=None)
+
+    def text(self, value: str, vr: str = "LO") -> str:
+        """One of the service's own texts (a model name, a description) made valid in this
+        header's character set."""
+        return values.string(value, vr, self.encodings) or ""
+
+    def pin_times(self, target: Dataset, when: dt.datetime) -> None:
+        """Replace the wall-clock stamps highdicom adds with ``when`` (local at this header's
+        offset), so that a retry reproduces the object and every time has one offset.
+
+        The acquisition equipment item keeps the source's acquisition time."""
+        target.InstanceCreationDate = DA(when.date())
+        target.InstanceCreationTime = TM(when.time())
+        for item in target.get("ContributingEquipmentSequence", []):
+            purposes = item.get("PurposeOfReferenceCodeSequence") or []
+            acquisition = any(p.get("CodeValue") == _ACQUISITION_EQUIPMENT for p in purposes)
+            if "ContributionDateTime" in item and not acquisition:
+                item.ContributionDateTime = DT(when)
+
+    def finish(self, target: Dataset) -> None:
+        """Write the identifiers' original bytes, the character set and the UTC offset into
+        ``target``, an object built from ``dataset``."""
+        for keyword, raw in self.identifiers.items():
+            tag = Tag(keyword)
+            if raw or keyword in _TYPE_2:
+                target[tag] = DataElement(tag, dictionary_VR(tag), raw)
+            elif keyword in target:
+                del target[tag]
+        if self.character_set is None:
+            if "SpecificCharacterSet" in target:
+                del target.SpecificCharacterSet
+        else:
+            target.SpecificCharacterSet = (self.character_set[0] if len(self.character_set) == 1
+                                           else self.character_set)
+        target.TimezoneOffsetFromUTC = values.offset_text(self.offset, dt.datetime.now(dt.UTC))
+
+
+def source_header(source: Dataset, *, site_zone: dt.tzinfo,
+                  own_texts: Iterable[str] = ()) -> SourceHeader:
+    """The header to copy from ``source``; ``own_texts`` are the texts the service adds to
+    the object (model names, code meanings), which the character set must also hold."""
+    identifiers = {keyword: raw_bytes(source, keyword) or b"" for keyword in IDENTIFIERS}
+    declared = values.character_set(source.get("SpecificCharacterSet"))
+    texts = _decoded_texts(source)
+    own = list(own_texts)
+    charset = _character_set(declared, [*texts, *own], identifiers)
+    encodings = values.encodings(charset)
+    dataset = Dataset()
+    if charset is not None:
+        dataset.SpecificCharacterSet = charset[0] if len(charset) == 1 else charset
+    for keyword in _UIDS:
+        if keyword in source:
+            setattr(dataset, keyword, str(source.get(keyword, "")).strip(" \0"))
+    dataset.Modality = values.code_string(source.get("Modality")) or ""
+    for keyword in IDENTIFIERS:
+        if identifiers[keyword] or keyword in _TYPE_2:
+            # highdicom reads these as text; ``finish`` restores the exact bytes.
+            setattr(dataset, keyword, _as_text(identifiers[keyword], encodings))
+    _copy_cleaned(source, dataset, encodings)
+    return SourceHeader(dataset=dataset, identifiers=identifiers, character_set=charset,
+                        offset=_offset(source, site_zone))
+
+
+def raw_bytes(ds: Dataset, keyword: str) -> bytes | None:
+    """The value of ``keyword`` in ``ds`` as stored in the file, ``None`` when absent.
+
+    An element that was already decoded (read as text once) is encoded again in the
+    dataset's character set, which gives back the stored bytes of any valid value.
+    """
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return None
+    value = ds.get_item(tag).value
+    if value is None:
+        return b""
+    if isinstance(value, bytes):
+        return value
+    text = "\\".join(str(v) for v in value) if isinstance(value, MultiValue) else str(value)
+    if text.isascii():
+        return text.encode("ascii")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return encode_string(text, convert_encodings(ds.get("SpecificCharacterSet")))
+
+
+def _copy_cleaned(source: Dataset, target: Dataset, encodings: tuple[str, ...]) -> None:
+    """Every copied attribute but the identifiers and UIDs, each made valid for its VR."""
+    cleaned: dict[str, Any] = {}
+    for keyword in _PERSON_NAMES:
+        cleaned[keyword] = values.person_name(_read(source, keyword), encodings)
+    for keyword in _STRINGS:
+        vr = "SH" if keyword in ("StudyID", "StationName") else (
+            "ST" if keyword == "InstitutionAddress" else "LO")
+        cleaned[keyword] = values.string(_read(source, keyword), vr, encodings)
+    for keyword in _MULTI_STRINGS:
+        cleaned[keyword] = values.strings(_read(source, keyword), "LO", encodings) or None
+    for keyword in _DATES:
+        cleaned[keyword] = values.date(_read(source, keyword))
+    for keyword in _TIMES:
+        cleaned[keyword] = values.time(_read(source, keyword))
+    for keyword in _DECIMALS:
+        cleaned[keyword] = values.decimal(_read(source, keyword))
+    cleaned["AcquisitionDateTime"] = values.date_time(_read(source, "AcquisitionDateTime"))
+    cleaned["PatientAge"] = values.age(_read(source, "PatientAge"))
+    cleaned["PatientSex"] = values.code_string(_read(source, "PatientSex"), _SEXES)
+    cleaned["PatientIdentityRemoved"] = values.code_string(
+        _read(source, "PatientIdentityRemoved"), ("YES", "NO"))
+    for keyword, value in cleaned.items():
+        if value is not None:
+            setattr(target, keyword, value)
+        elif keyword in _TYPE_2:
+            setattr(target, keyword, "")
+
+
+def _read(source: Dataset, keyword: str) -> Any:
+    """The decoded value of ``keyword``; ``None`` when absent or when its bytes do not parse
+    as its VR (pydicom warns; the value is dropped like any other invalid one)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return source.get(keyword)
+    except Exception:  # noqa: BLE001 - pydicom raises several types for unparsable values
+        return None
+
+
+def _decoded_texts(source: Dataset) -> list[str]:
+    texts = []
+    for keyword in (*_PERSON_NAMES, *_STRINGS, *_MULTI_STRINGS):
+        texts += values.values(_read(source, keyword))
+    return texts
+
+
+def _character_set(declared: list[str] | None, texts: list[str],
+                   identifiers: dict[str, bytes]) -> list[str] | None:
+    """The source's character set when it is valid and holds every text, else UTF-8, or no
+    character set when everything is ASCII."""
+    cleaned = [values.without_controls(t, "ST") for t in texts]
+    if declared is not None:
+        encodings = values.encodings(declared)
+        holds_all = all(values.encodable(t, encodings) == t for t in cleaned)
+        # Identifiers that are not ASCII keep their meaning only in their own character set.
+        if holds_all or not all(raw.isascii() for raw in identifiers.values()):
+            return declared
+    if all(t.isascii() for t in cleaned) and all(raw.isascii() for raw in identifiers.values()):
+        return None
+    return ["ISO_IR 192"]
+
+
+def _as_text(raw: bytes, encodings: tuple[str, ...]) -> str:
+    """An identifier's bytes as text for highdicom (replaced by the bytes afterwards)."""
+    text = raw.decode(encodings[0] if len(encodings) == 1 else "latin-1", errors="replace")
+    return text.rstrip(" \0")
+
+
+def _offset(source: Dataset, site_zone: dt.tzinfo) -> dt.timezone:
+    """The source's Timezone Offset From UTC, else the site zone's offset at the study."""
+    declared = values.utc_offset(_read(source, "TimezoneOffsetFromUTC"))
+    if declared is not None:
+        return declared
+    study = _study_moment(source)
+    if study is None:
+        now = dt.datetime.now(dt.UTC)
+        offset = now.astimezone(site_zone).utcoffset()
+    else:
+        # A wall-clock time the site zone passes twice (autumn) is taken at its first pass.
+        offset = site_zone.utcoffset(study.replace(fold=0))
+    return dt.timezone(offset or dt.timedelta(0))
+
+
+def _study_moment(source: Dataset) -> dt.datetime | None:
+    """When the study was made, in the site's wall-clock time: Study, else Series, else
+    Acquisition Date and Time."""
+    for date_keyword, time_keyword in (("StudyDate", "StudyTime"), ("SeriesDate", "SeriesTime"),
+                                       ("AcquisitionDate", "AcquisitionTime")):
+        date = values.date(_read(source, date_keyword))
+        if date is None:
+            continue
+        time = values.time(_read(source, time_keyword)) or "000000"
+        hours, minutes, seconds = int(time[:2]), int(time[2:4] or 0), int(time[4:6] or 0)
+        return dt.datetime(int(date[:4]), int(date[4:6]), int(date[6:]), hours, minutes,
+                           min(seconds, 59))
+    return None
