@@ -5,12 +5,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# Front-end packages (package-lock.json), served by the service itself: Swagger UI for /docs.
+NODE_STAMP := node_modules/.installed-$(shell cat package-lock.json | cksum | cut -d' ' -f1)
 
 .PHONY: all deps demo test lint bench clean
 
 all: test
 
-deps: $(STAMP)
+deps: $(STAMP) $(NODE_STAMP)
 	@./deploy/install-debian-packages.sh
 
 $(STAMP): pyproject.toml
@@ -19,6 +21,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,build,bench]'
 	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+# npm ci installs exactly the locked versions; .npmrc keeps install scripts from running.
+$(NODE_STAMP): package-lock.json
+	@./deploy/install-debian-packages.sh
+	npm ci --ignore-scripts --no-audit --no-fund
 	@touch $@
 
 demo: deps
@@ -37,4 +45,4 @@ lint: deps
 	$(BIN)/mypy triage
 
 clean:
-	rm -rf $(VENV) var
+	rm -rf $(VENV) var node_modules

@@ -14,6 +14,11 @@ packages=(
 if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
   packages+=(python3-venv)
 fi
+# npm installs the front-end packages of package-lock.json (Swagger UI for /docs); a machine
+# that has Node.js and npm already keeps its own.
+if ! command -v npm >/dev/null 2>&1; then
+  packages+=(nodejs npm)
+fi
 
 missing=()
 for package in "${packages[@]}"; do

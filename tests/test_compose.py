@@ -247,7 +247,11 @@ def test_healthchecks(services: dict[str, Any]) -> None:
 def test_dockerfile_installs_package_and_models() -> None:
     lines = [line.strip() for line in DOCKERFILE.read_text().splitlines()]
     instructions = [line for line in lines if line and not line.startswith("#")]
-    assert instructions[0] == "FROM python:3.11-slim-bookworm"
+    stages = [line for line in instructions if line.startswith("FROM ")]
+    assert stages[-1] == "FROM python:3.11-slim-bookworm"  # the image that runs
+    # Swagger UI for /docs comes from the locked npm packages, into the image.
+    assert "COPY package.json package-lock.json .npmrc ./" in instructions
+    assert "/app/web-assets" in DOCKERFILE.read_text()
     assert any(re.match(r"COPY\s+models/?\s+\S*models/?$", line) for line in instructions)
     assert any(re.search(r"pip install (\S+ )*\.(\s|$)", line) for line in instructions)
     users = [line.split()[1] for line in instructions if line.startswith("USER ")]

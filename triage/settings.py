@@ -56,6 +56,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("var")
     models_dir: Path = PROJECT_ROOT / "models"
+    web_assets_dir: Path = Field(
+        default=PROJECT_ROOT / "node_modules", description="Where the front-end packages "
+        "from package-lock.json are installed (Swagger UI for /docs)")
 
     orthanc_url: str | None = Field(
         default=None, description="Base URL of an Orthanc run elsewhere (compose); local if unset"
@@ -152,7 +155,7 @@ class Settings(BaseSettings):
         default=True, description="Allows generated secrets; hospitals set it to false"
     )
 
-    @field_validator("data_dir", "models_dir")
+    @field_validator("data_dir", "models_dir", "web_assets_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()

@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse
 
 from triage import __version__
 from triage.api.deps import LoopRedis
-from triage.api.routes import admin, health, integration, studies, worklist
+from triage.api.routes import admin, docs, health, integration, studies, worklist
 from triage.api.security import RequestSizeLimit, SecurityHeaders
 from triage.audit import AsyncAuditWriter
 from triage.oidc import OidcValidator
@@ -26,6 +26,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Triage",
         version=__version__,
         description="Prioritised worklist of studies analysed by AI models (advisory only).",
+        # Served by triage.api.routes.docs with assets of its own, never from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.redis = redis.Redis.from_url(settings.redis_connection_url)
@@ -42,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(SecurityHeaders)
     app.include_router(health.router)
+    app.include_router(docs.router)
     app.include_router(worklist.router)
     app.include_router(studies.router)
     app.include_router(admin.router)
