@@ -32,6 +32,7 @@ import numpy as np
 import pydicom
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from tests.hostile import ANALYSED, SKIPPED, HostileCase, _own, encode
@@ -100,6 +101,13 @@ def attribute_case(name: str, *, raw: Mapping[str, bytes] = {},  # noqa: B006 - 
                        priority="critical" if status == ANALYSED else None,
                        identifier_errors=identifier_errors,
                        utc_offset=utc_offset if status == ANALYSED else None)
+
+
+def _item(**attributes: object) -> Dataset:
+    item = Dataset()
+    for keyword, value in attributes.items():
+        setattr(item, keyword, value)
+    return item
 
 
 def _ok(name: str, keyword: str, value: bytes) -> HostileCase:
@@ -263,6 +271,28 @@ def _sweep_read() -> Iterator[HostileCase]:
                            ("Modality", b"ct")):
         label = value.decode("latin-1").strip().replace("\\", "-").replace(" ", "")
         yield _ok(f"{keyword.lower()}-{label}", keyword, value)
+    # Where the emergency department shows (the clinical priority floor reads these).
+    for keyword in ("RequestingService", "CurrentPatientLocation"):
+        stem = keyword.lower()
+        yield _ok(f"{stem}-over-long", keyword, b"EMERGENCY DEPARTMENT " * 4)
+        yield _ok(f"{stem}-multi-valued", keyword, b"EMERGENCY\\ICU ")
+        yield _ok(f"{stem}-control-characters", keyword, b"ED\x00\x07")
+    # Request attributes and other patient, study and series attributes the objects do not
+    # copy: whatever they hold never reaches the SR.
+    yield attribute_case("requestattributes-over-long-values", values={
+        "RequestAttributesSequence": [_item(RequestedProcedureID="R" * 40,
+                                            ScheduledProcedureStepID="S" * 40,
+                                            RequestedProcedureDescription="D" * 90)]})
+    yield attribute_case("requestattributes-empty-item",
+                         values={"RequestAttributesSequence": [_item()]})
+    for keyword, value in (("OtherPatientIDs", b"O" * 80 + b"\\X"),
+                           ("PatientComments", b"NOTE\x00\x01" * 3),
+                           ("SeriesDate", b"2026-01-15"), ("SeriesTime", b"25:00"),
+                           ("ProtocolName", b"P" * 80), ("OperatorsName", b"A^B\\C^D\x07")):
+        yield _ok(f"{keyword.lower()}-invalid", keyword, value)
+    yield attribute_case("seriesdate-fallback-for-the-offset", values={
+        "SeriesDate": "20260715", "AcquisitionDate": "20260715"},
+        absent=("StudyDate",), utc_offset=SUMMER)
     # Calibration: never analysed on guessed Hounsfield units.
     yield attribute_case("rescale-both-absent", absent=("RescaleSlope", "RescaleIntercept"),
                          status=SKIPPED, reason="Rescale Slope and Rescale Intercept are missing")

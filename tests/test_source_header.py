@@ -187,3 +187,15 @@ def test_the_sources_own_offset_is_copied() -> None:
                       content_datetime=created, site_zone=PARIS)
     assert sr.TimezoneOffsetFromUTC == "-0500"
     assert str(sr.ContentTime).startswith("070000")
+
+
+def test_an_identifier_invalid_in_its_character_set_keeps_its_bytes() -> None:
+    """Latin-1 bytes in a Patient ID declared UTF-8: Orthanc files the SR with the images only
+    if the SR has the very same bytes under the same character set."""
+    source = ct(SpecificCharacterSet=b"ISO_IR 192", PatientID=b"M\xfcL1")
+    sr = build_report(evidence=[source], results=[result_for([source])], inputs_fingerprint="f")
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    written = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    assert raw_bytes(written, "PatientID") == b"M\xfcL1"
+    assert written.SpecificCharacterSet == "ISO_IR 192"

@@ -8,7 +8,6 @@ the output follows".
 from __future__ import annotations
 
 import datetime as dt
-import warnings
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -19,7 +18,7 @@ from pydicom.sr.coding import Code
 from triage import __version__, uids
 from triage.errors import InvalidInput
 from triage.findings import Finding, ModelIdentity, ModelResult
-from triage.source_header import source_header
+from triage.source_header import identifier_text, source_header
 
 MANUFACTURER = "Triage"
 SERIES_DESCRIPTION = "AI triage result (unverified)"
@@ -175,9 +174,7 @@ def _check_inputs(
     if not inputs:
         raise ValueError(f"inputs_fingerprint must not be empty, got {inputs!r}")
     for attribute in ("StudyInstanceUID", "PatientID"):
-        with warnings.catch_warnings():  # undecodable bytes: replaced, the same way each time
-            warnings.simplefilter("ignore")
-            values = {_identifier(ds, attribute) for ds in evidence}
+        values = {identifier_text(ds, attribute) for ds in evidence}
         if len(values) != 1:
             # Count only: the values are patient identifiers and errors end up in logs.
             raise ValueError(f"evidence mixes {len(values)} different {attribute} values")
@@ -221,7 +218,7 @@ def _check_predecessors(
                 f"{name} belongs to another study than the evidence "
                 "(StudyInstanceUID differs); an SR supersedes SRs of its own study only"
             )
-        if _identifier(predecessor, "PatientID") != _identifier(source, "PatientID"):
+        if identifier_text(predecessor, "PatientID") != identifier_text(source, "PatientID"):
             raise ValueError(f"{name} has another PatientID than the evidence")
         if predecessor.SOPInstanceUID == sop_instance_uid:
             raise ValueError(
@@ -231,12 +228,6 @@ def _check_predecessors(
         unique[str(predecessor.SOPInstanceUID)] = predecessor
     # Input order must not change the SR, as for the evidence.
     return sorted(unique.values(), key=lambda ds: (ds.SeriesInstanceUID, ds.SOPInstanceUID))
-
-
-def _identifier(ds: pydicom.Dataset, keyword: str) -> str:
-    """An identifier as text, as Orthanc compares it: instances of one study may write the
-    same Patient ID in different character sets."""
-    return str(ds.get(keyword, "") or "").strip(" \0")
 
 
 def _model_key(model: ModelIdentity) -> str:

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom.charset import convert_encodings, encode_string
+from pydicom.charset import convert_encodings, decode_bytes, encode_string
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -148,8 +148,10 @@ def source_header(source: Dataset, *, site_zone: dt.tzinfo,
 def raw_bytes(ds: Dataset, keyword: str) -> bytes | None:
     """The value of ``keyword`` in ``ds`` as stored in the file, ``None`` when absent.
 
-    An element that was already decoded (read as text once) is encoded again in the
-    dataset's character set, which gives back the stored bytes of any valid value.
+    Reading it does not decode the element. An element that something else already decoded
+    (read as text) is encoded again in the dataset's character set, which gives back the
+    stored bytes of any valid value but not of bytes that were invalid in that character
+    set: read identifiers with this function or ``identifier_text`` only.
     """
     tag = tag_for_keyword(keyword)
     if tag is None or tag not in ds:
@@ -165,6 +167,19 @@ def raw_bytes(ds: Dataset, keyword: str) -> bytes | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return encode_string(text, convert_encodings(ds.get("SpecificCharacterSet")))
+
+
+def identifier_text(ds: Dataset, keyword: str) -> str:
+    """An identifier as text, as Orthanc compares it (instances of one study may write the
+    same Patient ID in different character sets), without decoding the element in ``ds``,
+    which would lose the bytes that ``raw_bytes`` must copy. Empty when absent."""
+    raw = (raw_bytes(ds, keyword) or b"").rstrip(b" \0")
+    if raw.isascii():
+        return raw.decode("ascii")
+    with warnings.catch_warnings():  # undecodable bytes: replaced, the same way each time
+        warnings.simplefilter("ignore")
+        encodings = convert_encodings(_read(ds, "SpecificCharacterSet"))
+        return decode_bytes(raw, encodings, set())
 
 
 def _copy_cleaned(source: Dataset, target: Dataset, encodings: tuple[str, ...]) -> None:
