@@ -19,6 +19,7 @@ Run as a script to write the corpus for other tools (``storescu +sd`` a folder o
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import sys
@@ -27,6 +28,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from functools import cache
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pydicom
@@ -40,6 +42,13 @@ from triage.samples import SAMPLES, build_sample
 
 SITE_TIMEZONE = "Europe/Paris"
 WINTER, SUMMER = "+0100", "+0200"  # Europe/Paris in January and in July
+
+
+def site_offset_now() -> str:
+    """The site zone's UTC offset now (``+0100``)."""
+    offset = dt.datetime.now(ZoneInfo(SITE_TIMEZONE)).utcoffset() or dt.timedelta(0)
+    minutes = int(offset.total_seconds()) // 60
+    return f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
 
 # What every case starts from: valid values of everything the sweep changes.
 _NORMAL: dict[str, object] = {
@@ -204,6 +213,16 @@ def _sweep_identifiers() -> Iterator[HostileCase]:
         yield attribute_case(f"{stem}-latin1-bytes-declared-utf8", raw={keyword: b"M\xfcL1"},
                              values={"SpecificCharacterSet": "ISO_IR 192"},
                              identifier_errors=(keyword,))
+    # Non-ASCII identifiers in a source without a character set DICOM defines: the result
+    # declares none either, so that it is read as the source is (the bytes are then invalid
+    # in the default repertoire: the identifier errors of the case).
+    yield attribute_case("patientid-latin1-without-character-set",
+                         raw={"PatientID": b"M\xfcLLER1"}, absent=("SpecificCharacterSet",),
+                         identifier_errors=("PatientID",))
+    yield attribute_case("accessionnumber-latin1-misspelled-character-set",
+                         raw={"AccessionNumber": b"\xc9L2"},
+                         values={"SpecificCharacterSet": "ISO-IR 100"},
+                         identifier_errors=("AccessionNumber",))
     # The unidentified trauma patient: nothing but the images.
     yield attribute_case("unidentified-patient",
                          absent=("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
@@ -238,8 +257,15 @@ def _sweep_time_zones() -> Iterator[HostileCase]:
         yield _ok(f"timezone-offset-{label}", "TimezoneOffsetFromUTC", value)
     yield attribute_case("timezone-offset-multi-valued",
                          raw={"TimezoneOffsetFromUTC": b"-0300\\+0100 "}, utc_offset="-0300")
+    # Nothing says when the study was made: the site's offset when the result is made.
     yield attribute_case("timezone-no-study-date", absent=(
-        "StudyDate", "SeriesDate", "AcquisitionDate", "AcquisitionDateTime"), utc_offset=None)
+        "StudyDate", "SeriesDate", "AcquisitionDate", "AcquisitionDateTime"),
+        utc_offset=site_offset_now())
+    yield attribute_case("timezone-placeholder-dates", values={
+        "StudyDate": "19000101", "SeriesDate": "19000101", "AcquisitionDate": "19000101",
+        "AcquisitionDateTime": "19000101000000"}, utc_offset=site_offset_now())
+    yield attribute_case("timezone-placeholder-study-date-real-series-date",
+                         values={"StudyDate": "19000101"})
 
 
 def _sweep_read() -> Iterator[HostileCase]:

@@ -185,7 +185,7 @@ def _object_problems(servers: Servers, case: HostileCase, item: WorklistItem,
         path = tmp_path / f"{case.name}-{kind.replace(' ', '-')}.dcm"
         path.write_bytes(data)
         errors = [e for e in dciodvfy_errors(path)
-                  if not any(keyword in e for keyword in case.identifier_errors)]
+                  if not any(f"</{keyword}(" in e for keyword in case.identifier_errors)]
         if errors:
             problems.append(f"{kind} fails dciodvfy: {errors}")
         ds = pydicom.dcmread(path)
@@ -202,6 +202,11 @@ def _object_problems(servers: Servers, case: HostileCase, item: WorklistItem,
         missing = [k for k in TYPE_2 if k not in ds]
         if missing:
             problems.append(f"{kind} lacks Type 2 attributes {missing}")
+        # The service's own times are of one moment, at the declared offset.
+        own = {str(ds.get(k, "")) for k in ("ContentDate", "InstanceCreationDate",
+                                           "DateOfSecondaryCapture") if k in ds}
+        if len(own) != 1:
+            problems.append(f"{kind} has dates of different days: {sorted(own)}")
         if case.utc_offset is not None and ds.get("TimezoneOffsetFromUTC") != case.utc_offset:
             problems.append(f"{kind} offset {ds.get('TimezoneOffsetFromUTC')!r}, expected "
                             f"{case.utc_offset}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import random
 import re
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -230,10 +231,17 @@ def test_resample_to_spacing_averages_at_half_resolution_around_the_centre() -> 
 
 
 def test_resample_to_a_fine_spacing_computes_only_the_window() -> None:
-    image = np.zeros((4000, 4000), dtype=np.float32)
+    image = np.zeros((4000, 4000), dtype=np.float32)  # 64 MB
     image[2000, 2000] = 1
-    window = resample_to_spacing(image, (1.0, 1.0), 0.01, 64)
+    tracemalloc.start()
+    try:
+        window = resample_to_spacing(image, (1.0, 1.0), 0.01, 64)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     assert window.shape == (64, 64) and window.max() > 0
+    # The image at 0.01 mm would be 400,000 pixels square; only the window's rows are made.
+    assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MB allocated"
 
 
 @pytest.mark.parametrize(("spacing", "reason"), [
@@ -261,3 +269,9 @@ def test_a_ct_without_rescale_is_never_taken_as_hounsfield_units() -> None:
     mr = _read("MR_small.dcm")
     assert "RescaleSlope" not in mr
     np.testing.assert_array_equal(decode_series([mr], "hu").pixels[0], mr.pixel_array)
+
+
+def test_a_raw_model_never_reads_the_rescale() -> None:
+    mr = _read("MR_small.dcm")
+    mr.RescaleSlope = ["1", "2"]  # unusable, and irrelevant to stored values
+    np.testing.assert_array_equal(decode_series([mr], "raw").pixels[0], mr.pixel_array)

@@ -80,6 +80,8 @@ def test_person_names_keep_their_structure_within_limits() -> None:
     (values.age, "056Y", "056Y"), (values.age, "56Y", None), (values.age, "056y", "056Y"),
     (values.decimal, "1.70", "1.70"), (values.decimal, "1,70", None),
     (values.decimal, "NaN", None), (values.decimal, "1.7000000000000000001", "1.7"),
+    (values.decimal, "7_0", None), (values.decimal, "\uff17\uff10", None),
+    (values.decimal, "-.5e3", "-.5e3"),
 ])
 def test_dates_times_ages_and_numbers_are_valid_or_dropped(function, value, expected) -> None:
     assert function(value) == expected
@@ -199,3 +201,31 @@ def test_an_identifier_invalid_in_its_character_set_keeps_its_bytes() -> None:
     written = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
     assert raw_bytes(written, "PatientID") == b"M\xfcL1"
     assert written.SpecificCharacterSet == "ISO_IR 192"
+
+
+def test_iso_ir_13_holds_half_width_katakana_only() -> None:
+    """pydicom writes ISO_IR 13 as JIS X 0201; kanji would become "?"."""
+    encodings = values.encodings(["ISO_IR 13"])
+    assert values.string("ﾔﾏﾀﾞ山田", "LO", encodings) == "ﾔﾏﾀﾞ"
+
+
+def test_deidentification_method_codes_are_kept() -> None:
+    source = ct()
+    source.PatientIdentityRemoved = "YES"
+    code = pydicom.Dataset()
+    code.CodeValue, code.CodingSchemeDesignator = "113100", "DCM"
+    code.CodeMeaning = "Basic Application Confidentiality Profile"
+    source.DeidentificationMethodCodeSequence = [code]
+    sr = build_report(evidence=[source], results=[result_for([source])], inputs_fingerprint="f")
+    assert sr.PatientIdentityRemoved == "YES"
+    assert sr.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
+
+
+def test_a_placeholder_study_date_gives_no_historical_offset() -> None:
+    created = dt.datetime(2026, 7, 1, 12, 0, tzinfo=dt.UTC)
+    placeholder = ct(StudyDate=b"19000101", SeriesDate=b"19000101", AcquisitionDate=b"")
+    header = source_header(placeholder, site_zone=PARIS, created=created)
+    assert header.offset == dt.timezone(dt.timedelta(hours=2))  # Paris on 1 July, not +0009
+    real_series = ct(StudyDate=b"19000101", SeriesDate=b"20260115")
+    header = source_header(real_series, site_zone=PARIS, created=created)
+    assert header.offset == dt.timezone(dt.timedelta(hours=1))

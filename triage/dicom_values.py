@@ -34,6 +34,7 @@ _AS = re.compile(r"^\d{3}[DWMY]$")
 _TM = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?$")
 _DT = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d{1,6})?([+-]\d{4})?$")
 _OFFSET = re.compile(r"^([+-])(\d{2})(\d{2})$")
+_DS = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
 # Python encodings of the default repertoire alone (no Specific Character Set).
 DEFAULT_REPERTOIRE: tuple[str, ...] = ()
 # Specific Character Set defined terms (PS3.3 C.12.1.1.2) that pydicom can write.
@@ -193,10 +194,9 @@ def age(value: Any) -> str | None:
 def decimal(value: Any) -> str | None:
     """A DS value: a finite number written in at most 16 characters."""
     text = first(value).strip(" ")
-    try:
-        number = float(text)
-    except ValueError:
+    if not _DS.match(text):  # float() also takes "7_0", "inf" and non-ASCII digits
         return None
+    number = float(text)
     if not math.isfinite(number):
         return None
     return text if len(text) <= MAX_BYTES["DS"] else format_number_as_ds(number)
@@ -268,12 +268,12 @@ def _strict(text: str, encodings: Sequence[str]) -> bytes:
         return text.encode("ascii")
     if not encodings:
         raise UnicodeEncodeError("ascii", text, 0, len(text), "default repertoire only")
-    if len(encodings) == 1:
-        return text.encode(encodings[0])
     for position, character in enumerate(text):
         if not any(_codec_encodes(character, encoding) for encoding in encodings):
             raise UnicodeEncodeError(encodings[0], text, position, position + 1,
                                      "in none of the character sets")
+    if len(encodings) == 1 and encodings[0] != "shift_jis":
+        return text.encode(encodings[0])
     with warnings.catch_warnings():  # every character has a character set: none is replaced
         warnings.simplefilter("ignore")
         return encode_string(text, list(encodings))
@@ -281,7 +281,9 @@ def _strict(text: str, encodings: Sequence[str]) -> bytes:
 
 def _codec_encodes(character: str, encoding: str) -> bool:
     try:
-        character.encode(encoding)
+        encoded = character.encode(encoding)
     except UnicodeError:
         return False
-    return True
+    # ISO_IR 13 is JIS X 0201 (one byte a character), which pydicom writes with its own
+    # encoder; Python's shift_jis would take kanji that pydicom then writes as "?".
+    return len(encoded) == 1 if encoding == "shift_jis" else True

@@ -14,6 +14,7 @@ import pydicom
 from highdicom.sc import SCImage
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import UID
+from pydicom.valuerep import DA, TM
 
 from triage.findings import Finding, ModelIdentity
 from triage.manifest import Rescale
@@ -43,8 +44,9 @@ def build_key_image(source: pydicom.Dataset, finding: Finding, model: ModelIdent
              f"{finding.concept.meaning}: p={finding.probability:.2f} "
              f"({model.name} {model.version})"]
     pixels = _with_text(_display(source), lines)
-    header = source_header(source, site_zone=site_zone, own_texts=[lines[1]])
-    when = header.local(created if created is not None else dt.datetime.now(dt.UTC))
+    created = created if created is not None else dt.datetime.now(dt.UTC)
+    header = source_header(source, site_zone=site_zone, own_texts=[lines[1]], created=created)
+    when = header.local(created)
     image = SCImage.from_ref_dataset(
         ref_dataset=header.dataset,
         pixel_array=pixels,
@@ -63,6 +65,9 @@ def build_key_image(source: pydicom.Dataset, finding: Finding, model: ModelIdent
         specific_character_set=None,  # set by header.finish
     )
     header.pin_times(image, when)
+    # SC Equipment module: highdicom stamps the capture with the process's clock.
+    image.DateOfSecondaryCapture, image.TimeOfSecondaryCapture = (
+        DA(when.date()), TM(when.time()))
     image.BurnedInAnnotation = "YES"
     # General Series Laterality (Type 2C): present and empty, the anatomy is not paired.
     image.Laterality = ""

@@ -100,8 +100,9 @@ def decode_instance(ds: Dataset, rescale: Rescale,
         frames = _integer(ds, "NumberOfFrames", default=1)
         # Calibration and geometry are read before anything is decoded: a model never runs
         # on guessed Hounsfield units or a guessed pixel size.
-        for frame in range(frames):
-            _rescale(ds, frame, required=rescale is Rescale.HU and _is_ct(ds))
+        if rescale is Rescale.HU:
+            for frame in range(frames):
+                _rescale(ds, frame, required=_is_ct(ds))
         spacings = [_pixel_spacing(ds, frame) for frame in range(frames)] if (
             slice_transform is not None and slice_transform.pixel_spacing_mm is not None) else (
             [None] * frames)

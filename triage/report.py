@@ -74,9 +74,11 @@ def build_report(
     # Input order must not change the SR: a retry may list instances or models differently.
     evidence = sorted(evidence, key=lambda ds: (ds.SeriesInstanceUID, ds.SOPInstanceUID))
     results = sorted(results, key=lambda r: _model_key(r.model))
-    header = source_header(evidence[0], site_zone=site_zone,
-                           own_texts=[t for r in results for t in _own_texts(r)])
     created = content_datetime if content_datetime is not None else dt.datetime.now(dt.UTC)
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=dt.UTC)
+    header = source_header(evidence[0], site_zone=site_zone, created=created,
+                           own_texts=[t for r in results for t in _own_texts(r)])
     when = header.local(created)
     study_uid = str(header.dataset.StudyInstanceUID)
     sop_instance_uid = uids.sr_instance_uid(

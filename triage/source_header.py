@@ -56,6 +56,9 @@ _TIMES = ("StudyTime", "AcquisitionTime")
 _DECIMALS = ("PatientSize", "PatientWeight")
 _SEXES = ("M", "F", "O")
 _ACQUISITION_EQUIPMENT = "109101"  # DCM, Purpose of Reference (CID 7005)
+# Dates before this are taken for placeholders when choosing the UTC offset.
+EARLIEST_STUDY = dt.datetime(1970, 1, 1)
+_DAY = dt.timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -119,10 +122,12 @@ class SourceHeader:
         target.TimezoneOffsetFromUTC = values.offset_text(self.offset, dt.datetime.now(dt.UTC))
 
 
-def source_header(source: Dataset, *, site_zone: dt.tzinfo,
-                  own_texts: Iterable[str] = ()) -> SourceHeader:
+def source_header(source: Dataset, *, site_zone: dt.tzinfo, own_texts: Iterable[str] = (),
+                  created: dt.datetime | None = None) -> SourceHeader:
     """The header to copy from ``source``; ``own_texts`` are the texts the service adds to
-    the object (model names, code meanings), which the character set must also hold."""
+    the object (model names, code meanings), which the character set must also hold;
+    ``created`` (aware, default now) is when the object is made, whose offset in the site zone
+    applies when the source tells nothing usable of when the study was made."""
     identifiers = {keyword: raw_bytes(source, keyword) or b"" for keyword in IDENTIFIERS}
     declared = values.character_set(source.get("SpecificCharacterSet"))
     texts = _decoded_texts(source)
@@ -142,7 +147,8 @@ def source_header(source: Dataset, *, site_zone: dt.tzinfo,
             setattr(dataset, keyword, _as_text(identifiers[keyword], encodings))
     _copy_cleaned(source, dataset, encodings)
     return SourceHeader(dataset=dataset, identifiers=identifiers, character_set=charset,
-                        offset=_offset(source, site_zone))
+                        offset=_offset(source, site_zone,
+                                       created or dt.datetime.now(dt.UTC)))
 
 
 def raw_bytes(ds: Dataset, keyword: str) -> bytes | None:
@@ -209,6 +215,26 @@ def _copy_cleaned(source: Dataset, target: Dataset, encodings: tuple[str, ...]) 
             setattr(target, keyword, value)
         elif keyword in _TYPE_2:
             setattr(target, keyword, "")
+    codes = _codes(_read(source, "DeidentificationMethodCodeSequence"), encodings)
+    if codes:
+        target.DeidentificationMethodCodeSequence = codes
+
+
+def _codes(items: Any, encodings: tuple[str, ...]) -> list[Dataset]:
+    """Code Sequence items (PS3.3 8.8) made valid; an item without a usable code value,
+    scheme or meaning is left out."""
+    found = []
+    for item in items or []:
+        code = Dataset()
+        for keyword, vr in (("CodeValue", "SH"), ("CodingSchemeDesignator", "SH"),
+                            ("CodeMeaning", "LO")):
+            value = values.string(_read(item, keyword), vr, encodings)
+            if value is None:
+                break
+            setattr(code, keyword, value)
+        else:
+            found.append(code)
+    return found
 
 
 def _read(source: Dataset, keyword: str) -> Any:
@@ -232,15 +258,19 @@ def _decoded_texts(source: Dataset) -> list[str]:
 def _character_set(declared: list[str] | None, texts: list[str],
                    identifiers: dict[str, bytes]) -> list[str] | None:
     """The source's character set when it is valid and holds every text, else UTF-8, or no
-    character set when everything is ASCII."""
+    character set when everything is ASCII.
+
+    Identifiers that are not ASCII keep their meaning only where they are read as the source
+    is read: in the source's own character set, or, when the source declares none that DICOM
+    defines, with none declared (readers then apply the same default to both; the other
+    texts are then kept to ASCII)."""
     cleaned = [values.without_controls(t, "ST") for t in texts]
+    identifiers_ascii = all(raw.isascii() for raw in identifiers.values())
     if declared is not None:
         encodings = values.encodings(declared)
-        holds_all = all(values.encodable(t, encodings) == t for t in cleaned)
-        # Identifiers that are not ASCII keep their meaning only in their own character set.
-        if holds_all or not all(raw.isascii() for raw in identifiers.values()):
+        if not identifiers_ascii or all(values.encodable(t, encodings) == t for t in cleaned):
             return declared
-    if all(t.isascii() for t in cleaned) and all(raw.isascii() for raw in identifiers.values()):
+    if not identifiers_ascii or all(t.isascii() for t in cleaned):
         return None
     return ["ISO_IR 192"]
 
@@ -251,24 +281,29 @@ def _as_text(raw: bytes, encodings: tuple[str, ...]) -> str:
     return text.rstrip(" \0")
 
 
-def _offset(source: Dataset, site_zone: dt.tzinfo) -> dt.timezone:
-    """The source's Timezone Offset From UTC, else the site zone's offset at the study."""
+def _offset(source: Dataset, site_zone: dt.tzinfo, created: dt.datetime) -> dt.timezone:
+    """The source's Timezone Offset From UTC, else the site zone's offset at the study, else
+    (no plausible study date) at ``created``; in whole minutes, as DICOM writes it."""
     declared = values.utc_offset(_read(source, "TimezoneOffsetFromUTC"))
     if declared is not None:
         return declared
-    study = _study_moment(source)
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=dt.UTC)
+    study = _study_moment(source, created.astimezone(site_zone).replace(tzinfo=None))
     if study is None:
-        now = dt.datetime.now(dt.UTC)
-        offset = now.astimezone(site_zone).utcoffset()
+        # No date, or only a modality clock's placeholder (19000101): zones then had offsets
+        # in seconds (local mean time) that say nothing of this study.
+        offset = created.astimezone(site_zone).utcoffset()
     else:
         # A wall-clock time the site zone passes twice (autumn) is taken at its first pass.
         offset = site_zone.utcoffset(study.replace(fold=0))
-    return dt.timezone(offset or dt.timedelta(0))
+    minutes = round((offset or dt.timedelta(0)).total_seconds() / 60)
+    return dt.timezone(dt.timedelta(minutes=minutes))
 
 
-def _study_moment(source: Dataset) -> dt.datetime | None:
-    """When the study was made, in the site's wall-clock time: Study, else Series, else
-    Acquisition Date and Time."""
+def _study_moment(source: Dataset, latest: dt.datetime) -> dt.datetime | None:
+    """When the study was made, in the site's wall-clock time: the first plausible one of
+    Study, Series and Acquisition Date (with its time), from 1970 to a day after ``latest``."""
     for date_keyword, time_keyword in (("StudyDate", "StudyTime"), ("SeriesDate", "SeriesTime"),
                                        ("AcquisitionDate", "AcquisitionTime")):
         date = values.date(_read(source, date_keyword))
@@ -276,6 +311,8 @@ def _study_moment(source: Dataset) -> dt.datetime | None:
             continue
         time = values.time(_read(source, time_keyword)) or "000000"
         hours, minutes, seconds = int(time[:2]), int(time[2:4] or 0), int(time[4:6] or 0)
-        return dt.datetime(int(date[:4]), int(date[4:6]), int(date[6:]), hours, minutes,
-                           min(seconds, 59))
+        moment = dt.datetime(int(date[:4]), int(date[4:6]), int(date[6:]), hours, minutes,
+                             min(seconds, 59))
+        if EARLIEST_STUDY <= moment <= latest + _DAY:
+            return moment
     return None
