@@ -37,7 +37,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from tests.hostile import ANALYSED, SKIPPED, HostileCase, _own, encode
+from tests.hostile import ANALYSED, SKIPPED, HostileCase, _own, encode, study_uid
 from triage.samples import SAMPLES, build_sample
 
 SITE_TIMEZONE = "Europe/Paris"
@@ -88,11 +88,12 @@ def _bleed_slice() -> bytes:
 
 def attribute_case(name: str, *, raw: Mapping[str, bytes] = {},  # noqa: B006 - never mutated
                    absent: tuple[str, ...] = (), values: Mapping[str, object] = {},  # noqa: B006
-                   status: str = ANALYSED, reason: str = "",
+                   unknown_vr: tuple[str, ...] = (), status: str = ANALYSED, reason: str = "",
                    identifier_errors: tuple[str, ...] = (),
                    utc_offset: str | None = WINTER) -> HostileCase:
     """One case: the normal slice with ``values`` set (the character set among them),
-    ``absent`` attributes removed, then ``raw`` attributes set to exactly these bytes."""
+    ``absent`` attributes removed, then ``raw`` attributes set to exactly these bytes, with
+    the VR UN for those in ``unknown_vr`` (as a gateway without a dictionary writes them)."""
     ds = _own(pydicom.dcmread(io.BytesIO(_bleed_slice())), name, "ct", 0)
     for keyword, value in {**_NORMAL, **values}.items():
         setattr(ds, keyword, value)
@@ -104,8 +105,10 @@ def attribute_case(name: str, *, raw: Mapping[str, bytes] = {},  # noqa: B006 - 
     ds = pydicom.dcmread(io.BytesIO(encode(ds)))
     for keyword, value in raw.items():
         tag = Tag(keyword)
-        value += b" " * (len(value) % 2)  # elements have an even length
-        ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
+        vr = "UN" if keyword in unknown_vr else dictionary_VR(tag)
+        pad = b"\0" if dictionary_VR(tag) == "UI" else b" "
+        value += pad * (len(value) % 2)  # elements have an even length
+        ds[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
     return HostileCase(name, (encode(ds),), status, reason,
                        priority="critical" if status == ANALYSED else None,
                        identifier_errors=identifier_errors,
@@ -223,6 +226,14 @@ def _sweep_identifiers() -> Iterator[HostileCase]:
                          raw={"AccessionNumber": b"\xc9L2"},
                          values={"SpecificCharacterSet": "ISO-IR 100"},
                          identifier_errors=("AccessionNumber",))
+    # Identifiers a gateway wrote with the VR UN: Orthanc then keeps their padding, so the
+    # service's objects keep the VR to be filed with the images.
+    name = "identifiers-written-as-un"
+    yield attribute_case(name, unknown_vr=("PatientID", "AccessionNumber", "StudyInstanceUID",
+                                           "PatientName"),
+                         raw={"PatientID": b"UN-PATIENT-12", "AccessionNumber": b"UN7",
+                              "StudyInstanceUID": study_uid(name).encode(),
+                              "PatientName": b"UNKNOWN^VR"})
     # The unidentified trauma patient: nothing but the images.
     yield attribute_case("unidentified-patient",
                          absent=("PatientID", "PatientName", "PatientBirthDate", "PatientSex",

@@ -176,7 +176,7 @@ def _object_problems(servers: Servers, case: HostileCase, item: WorklistItem,
     how many objects it wrote there."""
     source = pydicom.dcmread(io.BytesIO(case.files[0]), stop_before_pixels=True)
     problems = []
-    written = _own_objects(servers, item)
+    written = own_objects(servers, item)
     kinds = sorted(written)
     wanted = sorted(["SR", "key image"] if case.priority == "critical" else ["SR"])
     if kinds != wanted:
@@ -231,7 +231,7 @@ def _read_back_problems(sr: pydicom.Dataset, item: WorklistItem,
     return problems
 
 
-def _own_objects(servers: Servers, item: WorklistItem) -> dict[str, bytes]:
+def own_objects(servers: Servers, item: WorklistItem) -> dict[str, bytes]:
     """The SR and key image the service stored in the study, by kind."""
     kinds = {str(sr_series_uid(item.study_instance_uid)): "SR",
              str(key_image_series_uid(item.study_instance_uid)): "key image"}
@@ -269,7 +269,7 @@ def test_an_unidentified_head_ct_with_a_bleed_is_critical_with_a_valid_sr(
     assert item is not None, "not on the worklist"
     assert (item.status, item.priority.value) == (StudyStatus.ANALYSED, "critical"), item
     assert servers.orthanc.lookup_study(study_uid) == item.orthanc_id
-    sr_bytes = _own_objects(servers, item)["SR"]
+    sr_bytes = own_objects(servers, item)["SR"]
     path = tmp_path / "sr.dcm"
     path.write_bytes(sr_bytes)
     sr = pydicom.dcmread(path)

@@ -14,6 +14,7 @@ import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.uid import ExplicitVRLittleEndian
 
 from triage import __version__, uids
 from triage.errors import InvalidInput
@@ -121,6 +122,8 @@ def build_report(
             series_time=when.time(),
             previous_versions=previous_versions or None,
             specific_character_set=None,  # set by header.finish
+            # Explicit VR: an identifier keeps the VR the source gave it (source_header).
+            transfer_syntax_uid=ExplicitVRLittleEndian,
         )
     except KeyError as exc:  # highdicom knows the modules of standard storage classes only
         raise InvalidInput("the images are of a storage class (SOP Class UID) that the "

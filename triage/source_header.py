@@ -26,7 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.charset import convert_encodings, decode_bytes, encode_string
@@ -39,8 +39,9 @@ from pydicom.valuerep import DA, DT, TM
 
 from triage import dicom_values as values
 
-# Copied byte for byte (see the module docstring).
-IDENTIFIERS = ("PatientID", "IssuerOfPatientID", "AccessionNumber")
+# Copied byte for byte (see the module docstring). Orthanc files an instance under a hash of
+# the first and the last; the SR's own Series and SOP Instance UIDs are its own.
+IDENTIFIERS = ("PatientID", "IssuerOfPatientID", "AccessionNumber", "StudyInstanceUID")
 _UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 # Patient, General Study and Patient Study attributes the objects carry, with how each is
 # made valid. Type 2 ones are written empty when nothing valid is left.
@@ -74,6 +75,8 @@ class SourceHeader:
     identifiers: dict[str, bytes]
     character_set: list[str] | None
     offset: dt.timezone
+    # The VR an identifier is written with when the source did not use its own (below).
+    identifier_vrs: dict[str, str] = field(default_factory=dict)
 
     @property
     def encodings(self) -> tuple[str, ...]:
@@ -110,7 +113,10 @@ class SourceHeader:
         for keyword, raw in self.identifiers.items():
             tag = Tag(keyword)
             if raw or keyword in _TYPE_2:
-                target[tag] = DataElement(tag, dictionary_VR(tag), raw)
+                element = DataElement(tag, dictionary_VR(tag), raw)
+                # Set after construction: pydicom turns UN into the dictionary's VR.
+                element.VR = self.identifier_vrs.get(keyword, element.VR)
+                target[tag] = element
             elif keyword in target:
                 del target[tag]
         if self.character_set is None:
@@ -129,6 +135,11 @@ def source_header(source: Dataset, *, site_zone: dt.tzinfo, own_texts: Iterable[
     ``created`` (aware, default now) is when the object is made, whose offset in the site zone
     applies when the source tells nothing usable of when the study was made."""
     identifiers = {keyword: raw_bytes(source, keyword) or b"" for keyword in IDENTIFIERS}
+    # A gateway that did not know an attribute's VR writes it as UN. Orthanc (like other
+    # readers) then keeps its padding as part of the value, so only the same VR makes the
+    # result's identifier read the same. (It needs an explicit VR transfer syntax.)
+    identifier_vrs = {keyword: "UN" for keyword in IDENTIFIERS
+                      if keyword in source and source.get_item(keyword).VR == "UN"}
     declared = values.character_set(source.get("SpecificCharacterSet"))
     texts = _decoded_texts(source)
     own = list(own_texts)
@@ -147,7 +158,7 @@ def source_header(source: Dataset, *, site_zone: dt.tzinfo, own_texts: Iterable[
             setattr(dataset, keyword, _as_text(identifiers[keyword], encodings))
     _copy_cleaned(source, dataset, encodings)
     return SourceHeader(dataset=dataset, identifiers=identifiers, character_set=charset,
-                        offset=_offset(source, site_zone,
+                        identifier_vrs=identifier_vrs, offset=_offset(source, site_zone,
                                        created or dt.datetime.now(dt.UTC)))
 
 
