@@ -180,7 +180,8 @@ def test_every_result_on_real_world_files_is_valid(clean_servers: Servers, any_i
 def invalid_identifiers(source: pydicom.Dataset) -> set[str]:
     """The identifiers the source sent invalid for their VR (too long for it, or holding a
     value delimiter or control character): the service copies them as they are."""
-    limits = {"PatientID": 64, "IssuerOfPatientID": 64, "AccessionNumber": 16}
+    limits = {"PatientID": 64, "IssuerOfPatientID": 64, "AccessionNumber": 16,
+              "StudyInstanceUID": 64}
     invalid = set()
     for keyword in IDENTIFIERS:
         raw = (raw_bytes(source, keyword) or b"").rstrip(b" \0")
