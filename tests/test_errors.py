@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from rq.timeouts import JobTimeoutException
 
 from triage.errors import (
     InvalidInput,
@@ -17,7 +18,8 @@ from triage.errors import (
     status_reason,
 )
 
-_TECHNICAL = re.compile(r"\b\w*(Error|Exception)\b|Traceback|\[ONNXRuntime|\bNone\b|object has")
+_TECHNICAL = re.compile(
+    r"\b\w*(Error|Exception)\b|Traceback|\[ONNXRuntime|\bNone\b|object has|Task exceeded")
 
 
 @pytest.mark.parametrize("exc", [
@@ -28,6 +30,7 @@ _TECHNICAL = re.compile(r"\b\w*(Error|Exception)\b|Traceback|\[ONNXRuntime|\bNon
     TransientError("Orthanc unreachable for GET /studies/1: connection failed"),
     StudyGone("not found in Orthanc: file of instance 0a1b"),
     PermanentError("Orthanc refused POST /instances (400)"),
+    JobTimeoutException("Task exceeded maximum timeout value (600 seconds)"),
 ])
 def test_a_failure_reads_as_a_sentence(exc: Exception) -> None:
     reason = status_reason(exc)

@@ -6,6 +6,8 @@ adapter that calls the foreign library (STYLE.md, principle 4).
 
 from __future__ import annotations
 
+from rq.timeouts import JobTimeoutException
+
 
 class TriageError(Exception):
     """Base class of every error the service raises on purpose."""
@@ -40,6 +42,8 @@ class ModelPackageError(TriageError):
 _INTERNAL = ("the analysis stopped on an internal error; administrators see the cause in "
              "the list of failed analyses")
 _REASONS: tuple[tuple[type[BaseException], str], ...] = (
+    (JobTimeoutException, "the analysis took longer than its time limit; administrators see "
+                          "the cause in the list of failed analyses"),
     (TransientError, "the image server did not answer"),
     (ModelPackageError, "a model could not run on this study; administrators see the cause "
                         "in the list of failed analyses"),
