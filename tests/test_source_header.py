@@ -229,3 +229,17 @@ def test_a_placeholder_study_date_gives_no_historical_offset() -> None:
     real_series = ct(StudyDate=b"19000101", SeriesDate=b"20260115")
     header = source_header(real_series, site_zone=PARIS, created=created)
     assert header.offset == dt.timezone(dt.timedelta(hours=1))
+
+
+def test_identifiers_written_as_un_keep_that_vr() -> None:
+    """pydicom's explicit_VR-UN.dcm: a gateway wrote every attribute with the VR UN."""
+    source = pydicom.dcmread(get_testdata_file("explicit_VR-UN.dcm"))
+    assert source.get_item("PatientID").VR == source.get_item("StudyInstanceUID").VR == "UN"
+    sr = build_report(evidence=[source], results=[result_for([source])], inputs_fingerprint="f")
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    written = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    assert written.get_item("PatientID").VR == "UN"
+    assert written.get_item("PatientID").value == b"PANCREAS_0001 "
+    assert written.get_item("StudyInstanceUID").VR == "UI"
+    assert written.StudyInstanceUID == source.StudyInstanceUID

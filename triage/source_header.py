@@ -114,8 +114,10 @@ class SourceHeader:
             tag = Tag(keyword)
             if raw or keyword in _TYPE_2:
                 element = DataElement(tag, dictionary_VR(tag), raw)
-                # Set after construction: pydicom turns UN into the dictionary's VR.
-                element.VR = self.identifier_vrs.get(keyword, element.VR)
+                if keyword in self.identifier_vrs:
+                    # Set after construction: pydicom turns UN into the dictionary's VR.
+                    element.VR = self.identifier_vrs[keyword]
+                    element.value = raw
                 target[tag] = element
             elif keyword in target:
                 del target[tag]
@@ -138,8 +140,10 @@ def source_header(source: Dataset, *, site_zone: dt.tzinfo, own_texts: Iterable[
     # A gateway that did not know an attribute's VR writes it as UN. Orthanc (like other
     # readers) then keeps its padding as part of the value, so only the same VR makes the
     # result's identifier read the same. (It needs an explicit VR transfer syntax.)
+    # (A UID's padding is insignificant to every reader: the UID keeps its VR.)
     identifier_vrs = {keyword: "UN" for keyword in IDENTIFIERS
-                      if keyword in source and source.get_item(keyword).VR == "UN"}
+                      if keyword in source and keyword != "StudyInstanceUID"
+                      and source.get_item(keyword).VR == "UN"}
     declared = values.character_set(source.get("SpecificCharacterSet"))
     texts = _decoded_texts(source)
     own = list(own_texts)
