@@ -51,7 +51,7 @@ class HostileCase:
     priority: str | None = None
     # dciodvfy errors accepted in the service's SR and key image, each named by the
     # attribute it is about: only identifiers the source sent invalid, which are copied as
-    # they are (see triage/source_header.py).
+    # they are (see triage/copying/header.py).
     identifier_errors: tuple[str, ...] = ()
     # The Timezone Offset From UTC the service's objects must declare, where the case is
     # about it.

@@ -163,22 +163,18 @@ def _sweep_copied() -> Iterator[HostileCase]:
     yield attribute_case("patientname-latin1-without-character-set",
                          raw={"PatientName": _LATIN1_NAME}, absent=("SpecificCharacterSet",))
 
-    dates = ("PatientBirthDate", "StudyDate", "AcquisitionDate")
-    for keyword in dates:
-        stem = keyword.lower()
-        for label, value in (("empty", b""), ("dashed", b"2026-01-15"),
-                             ("impossible", b"20261345"), ("over-long", b"202601150"),
-                             ("multi-valued", b"20260115\\20260116"), ("year-only", b"2026"),
-                             ("letters", b"JAN 2026")):
-            yield _ok(f"{stem}-{label}", keyword, value)
-        yield attribute_case(f"{stem}-absent", absent=(keyword,))
-    for keyword in ("StudyTime", "AcquisitionTime"):
-        stem = keyword.lower()
-        for label, value in (("empty", b""), ("colons", b"10:15:00"), ("impossible", b"256100"),
-                             ("seven-fraction-digits", b"101500.1234567"),
-                             ("multi-valued", b"101500\\101600")):
-            yield _ok(f"{stem}-{label}", keyword, value)
-        yield attribute_case(f"{stem}-absent", absent=(keyword,))
+    dates = (("empty", b""), ("dashed", b"2026-01-15"), ("impossible", b"20261345"),
+             ("over-long", b"202601150"), ("multi-valued", b"20260115\\20260116"),
+             ("year-only", b"2026"), ("letters", b"JAN 2026"))
+    times = (("empty", b""), ("colons", b"10:15:00"), ("impossible", b"256100"),
+             ("seven-fraction-digits", b"101500.1234567"), ("multi-valued", b"101500\\101600"))
+    for keywords, variants in ((("PatientBirthDate", "StudyDate", "AcquisitionDate"), dates),
+                               (("StudyTime", "AcquisitionTime"), times)):
+        for keyword in keywords:
+            stem = keyword.lower()
+            for label, value in variants:
+                yield _ok(f"{stem}-{label}", keyword, value)
+            yield attribute_case(f"{stem}-absent", absent=(keyword,))
     for label, value in (("iso-format", b"2026-01-15T10:15:10"), ("impossible", b"20261315"),
                          ("bad-offset", b"20260115101510+9900")):
         yield _ok(f"acquisitiondatetime-{label}", "AcquisitionDateTime", value)

@@ -24,12 +24,13 @@ from tests.senders import storescu
 from tests.test_delivery import Receiver
 from tests.test_pipeline import watch_until
 from tests.validators import dciodvfy_errors, dsrdump, pixelmed_sr_errors
-from triage import dicom_values, jobs
+from triage import jobs
+from triage.copying import values as dicom_values
+from triage.copying.header import IDENTIFIERS, raw_bytes
 from triage.errors import PermanentError
 from triage.queues import queues
 from triage.reindex import read_report
 from triage.samples import SAMPLES, build_sample
-from triage.source_header import IDENTIFIERS, raw_bytes
 from triage.uids import key_image_series_uid, sr_series_uid
 from triage.watcher import Watcher
 from triage.workers import run_worker

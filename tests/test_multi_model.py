@@ -84,7 +84,10 @@ def _millimetre_package(models: Path) -> None:
     (folder / "manifest.yaml").write_text(yaml.safe_dump(manifest))
 
 
-def _send_without_spacing(servers: Servers, tmp_path: Path, spacing: list[str] | None) -> str:
+def _send_without_spacing(servers: Servers, tmp_path: Path, spacing: list[str] | None,
+                          models: Path) -> str:
+    """Send the hyperdense sample with ``spacing`` as its Pixel Spacing (``None``: without
+    one) and analyse it with the packages in ``models``."""
     paths = write_study(tmp_path / "study", "head-ct-hyperdense")
     for path in paths:
         ds = pydicom.dcmread(path)
@@ -93,9 +96,15 @@ def _send_without_spacing(servers: Servers, tmp_path: Path, spacing: list[str] |
         else:
             ds.PixelSpacing = spacing
         ds.save_as(path, enforce_file_format=True)
-    storescu(servers.settings, paths)
-    watch_until(servers, Watcher(servers.settings, servers.orthanc, servers.redis), 1)
-    run_worker(burst=True)
+    os.environ["TRIAGE_MODELS_DIR"] = str(models)
+    jobs.context.cache_clear()
+    try:
+        storescu(servers.settings, paths)
+        watch_until(servers, Watcher(servers.settings, servers.orthanc, servers.redis), 1)
+        run_worker(burst=True)
+    finally:
+        del os.environ["TRIAGE_MODELS_DIR"]
+        jobs.context.cache_clear()
     return str(pydicom.dcmread(paths[0]).StudyInstanceUID)
 
 
@@ -104,13 +113,7 @@ def test_a_model_in_millimetres_is_left_out_without_pixel_spacing_while_others_r
     models = tmp_path / "models"
     shutil.copytree(HEAD_CT, models / "head-ct-hyperdensity")
     _millimetre_package(models)
-    os.environ["TRIAGE_MODELS_DIR"] = str(models)
-    jobs.context.cache_clear()
-    try:
-        study = _send_without_spacing(clean_servers, tmp_path, None)
-    finally:
-        del os.environ["TRIAGE_MODELS_DIR"]
-        jobs.context.cache_clear()
+    study = _send_without_spacing(clean_servers, tmp_path, None, models)
     item = Worklist(clean_servers.redis).get(study)
     assert item is not None and item.status is StudyStatus.ANALYSED, item
     assert {r.model for r in item.results} == {"head-ct-hyperdensity"}
@@ -125,13 +128,7 @@ def test_a_model_in_millimetres_alone(clean_servers: Servers, tmp_path: Path,
     """Zero spacing: skipped, naming the attribute; a real one: the bleed is found at 1 mm."""
     models = tmp_path / "models"
     _millimetre_package(models)
-    os.environ["TRIAGE_MODELS_DIR"] = str(models)
-    jobs.context.cache_clear()
-    try:
-        study = _send_without_spacing(clean_servers, tmp_path, spacing)
-    finally:
-        del os.environ["TRIAGE_MODELS_DIR"]
-        jobs.context.cache_clear()
+    study = _send_without_spacing(clean_servers, tmp_path, spacing, models)
     item = Worklist(clean_servers.redis).get(study)
     assert item is not None
     if spacing[0] == "0":

@@ -22,9 +22,9 @@ from tests.test_hostile_inputs import own_objects
 from tests.test_pipeline import watch_until
 from tests.validators import dciodvfy_errors
 from triage import jobs
+from triage.copying.header import IDENTIFIERS, raw_bytes
 from triage.errors import PermanentError
 from triage.settings import PROJECT_ROOT
-from triage.source_header import IDENTIFIERS, raw_bytes
 from triage.uids import derived_uid
 from triage.watcher import Watcher
 from triage.workers import run_worker

@@ -16,10 +16,10 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import UID
 from pydicom.valuerep import DA, TM
 
+from triage.copying.header import source_header
 from triage.findings import Finding, ModelIdentity
 from triage.manifest import Rescale
 from triage.pixels import decode_instance
-from triage.source_header import source_header
 from triage.uids import derived_uid, key_image_series_uid
 
 SERIES_NUMBER = 7101
@@ -37,16 +37,15 @@ def build_key_image(source: pydicom.Dataset, finding: Finding, model: ModelIdent
                     site_zone: dt.tzinfo = dt.UTC) -> SCImage:
     """A Secondary Capture of ``source`` (the key slice) with the finding burned in.
 
-    Patient and study attributes are copied as for the SR (``triage.source_header``);
+    Patient and study attributes are copied as for the SR (``triage.copying.header``);
     ``created`` (aware; defaults to now) is written at the same UTC offset as the SR's.
     """
     lines = ["AI RESULT - UNVERIFIED - NOT A DIAGNOSIS",
              f"{finding.concept.meaning}: p={finding.probability:.2f} "
              f"({model.name} {model.version})"]
     pixels = _with_text(_display(source), lines)
-    created = created if created is not None else dt.datetime.now(dt.UTC)
     header = source_header(source, site_zone=site_zone, own_texts=[lines[1]], created=created)
-    when = header.local(created)
+    when = header.when
     image = SCImage.from_ref_dataset(
         ref_dataset=header.dataset,
         pixel_array=pixels,
@@ -64,7 +63,7 @@ def build_key_image(source: pydicom.Dataset, finding: Finding, model: ModelIdent
         content_time=when.time(),
         specific_character_set=None,  # set by header.finish
     )
-    header.pin_times(image, when)
+    header.pin_times(image)
     # SC Equipment module: highdicom stamps the capture with the process's clock.
     image.DateOfSecondaryCapture, image.TimeOfSecondaryCapture = (
         DA(when.date()), TM(when.time()))

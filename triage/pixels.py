@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import parse_fragments
 from pydicom.uid import UID
 
+from triage.copying.values import values as dicom_values
 from triage.errors import InvalidInput
 from triage.manifest import Rescale
 
@@ -100,16 +101,15 @@ def decode_instance(ds: Dataset, rescale: Rescale,
         frames = _integer(ds, "NumberOfFrames", default=1)
         # Calibration and geometry are read before anything is decoded: a model never runs
         # on guessed Hounsfield units or a guessed pixel size.
-        if rescale is Rescale.HU:
-            for frame in range(frames):
-                _rescale(ds, frame, required=_is_ct(ds))
+        calibration = [_rescale(ds, frame, required=_is_ct(ds)) for frame in range(frames)] if (
+            rescale is Rescale.HU) else None
         spacings = [_pixel_spacing(ds, frame) for frame in range(frames)] if (
             slice_transform is not None and slice_transform.pixel_spacing_mm is not None) else (
             [None] * frames)
     except InvalidInput as exc:
         return DecodedInstance(ds, header_error=exc)
     try:
-        decoded = _frames(ds, rescale)
+        decoded = _frames(ds, calibration)
     except InvalidInput as exc:
         return DecodedInstance(ds, pixel_error=exc)
     if slice_transform is None:
@@ -312,7 +312,9 @@ _SIGNATURES = (
 )
 
 
-def _frames(ds: Dataset, rescale: Rescale) -> list[np.ndarray]:
+def _frames(ds: Dataset, calibration: list[tuple[float, float]] | None) -> list[np.ndarray]:
+    """The decoded frames: Rescale Slope and Intercept of each frame applied when
+    ``calibration`` gives them (Hounsfield units), stored values otherwise."""
     try:
         stored = ds.pixel_array
     except Exception as exc:  # pydicom raises many types; the reason is what the reader needs
@@ -323,15 +325,17 @@ def _frames(ds: Dataset, rescale: Rescale) -> list[np.ndarray]:
     if stored.ndim != expected:
         raise InvalidInput(f"unexpected image shape {stored.shape} for {frames} frame(s)")
     stack = stored[None] if frames == 1 else stored
-    return [_values(ds, frame, index, rescale) for index, frame in enumerate(stack)]
+    return [_values(ds, frame, calibration[index] if calibration else None)
+            for index, frame in enumerate(stack)]
 
 
-def _values(ds: Dataset, stored: np.ndarray, frame: int, rescale: Rescale) -> np.ndarray:
+def _values(ds: Dataset, stored: np.ndarray,
+            calibration: tuple[float, float] | None) -> np.ndarray:
     values = stored.astype(np.float32)
-    if rescale is Rescale.HU:
+    if calibration is not None:
         # Slope/intercept map stored values to output units (Hounsfield units for CT);
         # MONOCHROME1 only changes how they are displayed, not what they mean.
-        slope, intercept = _rescale(ds, frame, required=False)
+        slope, intercept = calibration
         return values * np.float32(slope) + np.float32(intercept)
     if ds.PhotometricInterpretation == "MONOCHROME1":
         # Invert so that higher always means brighter, within the stored bit depth.
@@ -399,7 +403,7 @@ def _pixel_spacing(ds: Dataset, frame: int) -> tuple[float, float]:
     if source is None:
         raise InvalidInput("Pixel Spacing is missing: the model needs the images' size "
                            "in millimetres")
-    found = _many(source.get("PixelSpacing"))
+    found = dicom_values(source.get("PixelSpacing"))
     if len(found) != 2:
         raise InvalidInput(f"Pixel Spacing has {len(found)} value(s), 2 expected")
     spacing = tuple(_decimal(v, "Pixel Spacing", None) for v in found)
@@ -409,21 +413,13 @@ def _pixel_spacing(ds: Dataset, frame: int) -> tuple[float, float]:
     return spacing[0], spacing[1]
 
 
-def _many(value: object) -> list[object]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
-        return [value]
-    return list(value)  # type: ignore[call-overload]
-
-
 def _decimal(value: object, name: str, default: float | None) -> float:
     """A Decimal String attribute as a finite float; ``default`` when empty (an error when
     there is no default)."""
-    found = _many(value)
+    found = dicom_values(value)
     if len(found) > 1:
         raise InvalidInput(f"{name} has {len(found)} values, one expected")
-    text = str(found[0]).strip() if found else ""
+    text = found[0].strip() if found else ""
     if text == "":
         if default is None:
             raise InvalidInput(f"{name} is empty: no value to compute with")

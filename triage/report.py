@@ -17,9 +17,9 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
 from triage import __version__, uids
+from triage.copying.header import identifier_text, source_header
 from triage.errors import InvalidInput
 from triage.findings import Finding, ModelIdentity, ModelResult
-from triage.source_header import identifier_text, source_header
 
 MANUFACTURER = "Triage"
 SERIES_DESCRIPTION = "AI triage result (unverified)"
@@ -58,7 +58,7 @@ def build_report(
 
     ``evidence`` are the headers of the source instances (same patient, same study); patient
     and study attributes are copied from them, identifiers exactly and everything else made
-    valid for its VR (``triage.source_header``), and the SR goes in a new series of that
+    valid for its VR (``triage.copying.header``), and the SR goes in a new series of that
     study. UIDs are derived from the study, the models (``id@version``) and
     ``inputs_fingerprint``, so a retried job writes the same SR. ``content_datetime`` (aware;
     naive means UTC) defaults to now; a retry passes the original one to reproduce the SR
@@ -75,12 +75,9 @@ def build_report(
     # Input order must not change the SR: a retry may list instances or models differently.
     evidence = sorted(evidence, key=lambda ds: (ds.SeriesInstanceUID, ds.SOPInstanceUID))
     results = sorted(results, key=lambda r: _model_key(r.model))
-    created = content_datetime if content_datetime is not None else dt.datetime.now(dt.UTC)
-    if created.tzinfo is None:
-        created = created.replace(tzinfo=dt.UTC)
-    header = source_header(evidence[0], site_zone=site_zone, created=created,
+    header = source_header(evidence[0], site_zone=site_zone, created=content_datetime,
                            own_texts=[t for r in results for t in _own_texts(r)])
-    when = header.local(created)
+    when = header.when
     study_uid = str(header.dataset.StudyInstanceUID)
     sop_instance_uid = uids.sr_instance_uid(
         study_uid, [_model_key(r.model) for r in results], inputs_fingerprint
@@ -122,13 +119,13 @@ def build_report(
             series_time=when.time(),
             previous_versions=previous_versions or None,
             specific_character_set=None,  # set by header.finish
-            # Explicit VR: an identifier keeps the VR the source gave it (source_header).
+            # Explicit VR: an identifier keeps the VR the source gave it (triage.copying.header).
             transfer_syntax_uid=ExplicitVRLittleEndian,
         )
     except KeyError as exc:  # highdicom knows the modules of standard storage classes only
         raise InvalidInput("the images are of a storage class (SOP Class UID) that the "
                            "result report cannot describe") from exc
-    header.pin_times(sr, when)
+    header.pin_times(sr)
     _deidentification(sr, header.dataset)
     header.finish(sr)
     return sr

@@ -1,5 +1,5 @@
 """What the service's objects copy from a source: identifiers exactly, everything else valid
-for its VR, one character set and one UTC offset (triage/source_header.py, dicom_values.py)."""
+for its VR, one character set and one UTC offset (triage/copying/)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pydicom.tag import Tag
 
 from tests.test_report import result_for
 from tests.validators import dciodvfy_errors
-from triage import dicom_values as values
+from triage.copying import values
+from triage.copying.header import raw_bytes, source_header
 from triage.report import build_report
-from triage.source_header import raw_bytes, source_header
 
 PARIS = ZoneInfo("Europe/Paris")
 UTF8 = values.encodings(["ISO_IR 192"])

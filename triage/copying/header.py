@@ -6,7 +6,7 @@ DESIGN.md, "Never write an invalid object", and the rule of issue 12:
   Accession Number and the UIDs. They tie a result to its patient, study and order (Orthanc
   files an instance under a hash of Patient ID and Study Instance UID; a PACS or RIS matches
   on them), so even an identifier that is invalid for its VR is kept as it is.
-- **Everything else** is made valid for its VR (``triage.dicom_values``): cut to its length,
+- **Everything else** is made valid for its VR (``triage.copying.values``): cut to its length,
   invalid characters removed, an invalid date, time, age or number dropped. Type 2 attributes
   that are absent or dropped are written empty.
 - **Character set:** the source's Specific Character Set when DICOM defines it and every text
@@ -37,7 +37,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.valuerep import DA, DT, TM
 
-from triage import dicom_values as values
+from triage.copying import values
 
 # Copied byte for byte (see the module docstring). Orthanc files an instance under a hash of
 # the first and the last; the SR's own Series and SOP Instance UIDs are its own.
@@ -75,6 +75,7 @@ class SourceHeader:
     identifiers: dict[str, bytes]
     character_set: list[str] | None
     offset: dt.timezone
+    created: dt.datetime  # when the service's object is made (aware)
     # The VR an identifier is written with when the source did not use its own (below).
     identifier_vrs: dict[str, str] = field(default_factory=dict)
 
@@ -82,23 +83,22 @@ class SourceHeader:
     def encodings(self) -> tuple[str, ...]:
         return values.encodings(self.character_set)
 
-    def local(self, moment: dt.datetime) -> dt.datetime:
-        """``moment`` (aware) as the naive date and time written at this header's offset;
-        a naive ``moment`` is taken as UTC."""
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=dt.UTC)
-        return moment.astimezone(self.offset).replace(tzinfo=None)
+    @property
+    def when(self) -> dt.datetime:
+        """``created`` as the naive date and time written at this header's offset."""
+        return self.created.astimezone(self.offset).replace(tzinfo=None)
 
     def text(self, value: str, vr: str = "LO") -> str:
         """One of the service's own texts (a model name, a description) made valid in this
         header's character set."""
         return values.string(value, vr, self.encodings) or ""
 
-    def pin_times(self, target: Dataset, when: dt.datetime) -> None:
-        """Replace the wall-clock stamps highdicom adds with ``when`` (local at this header's
-        offset), so that a retry reproduces the object and every time has one offset.
+    def pin_times(self, target: Dataset) -> None:
+        """Replace the wall-clock stamps highdicom adds with ``when``, so that a retry
+        reproduces the object and every time has one offset.
 
         The acquisition equipment item keeps the source's acquisition time."""
+        when = self.when
         target.InstanceCreationDate = DA(when.date())
         target.InstanceCreationTime = TM(when.time())
         for item in target.get("ContributingEquipmentSequence", []):
@@ -127,15 +127,19 @@ class SourceHeader:
         else:
             target.SpecificCharacterSet = (self.character_set[0] if len(self.character_set) == 1
                                            else self.character_set)
-        target.TimezoneOffsetFromUTC = values.offset_text(self.offset, dt.datetime.now(dt.UTC))
+        target.TimezoneOffsetFromUTC = values.offset_text(self.offset, self.created)
 
 
 def source_header(source: Dataset, *, site_zone: dt.tzinfo, own_texts: Iterable[str] = (),
                   created: dt.datetime | None = None) -> SourceHeader:
     """The header to copy from ``source``; ``own_texts`` are the texts the service adds to
     the object (model names, code meanings), which the character set must also hold;
-    ``created`` (aware, default now) is when the object is made, whose offset in the site zone
-    applies when the source tells nothing usable of when the study was made."""
+    ``created`` (default now; naive means UTC) is when the object is made, whose offset in the
+    site zone applies when the source tells nothing usable of when the study was made."""
+    if created is None:
+        created = dt.datetime.now(dt.UTC)
+    elif created.tzinfo is None:
+        created = created.replace(tzinfo=dt.UTC)
     identifiers = {keyword: raw_bytes(source, keyword) or b"" for keyword in IDENTIFIERS}
     # A gateway that did not know an attribute's VR writes it as UN. Orthanc (like other
     # readers) then keeps its padding as part of the value, so only the same VR makes the
@@ -162,8 +166,8 @@ def source_header(source: Dataset, *, site_zone: dt.tzinfo, own_texts: Iterable[
             setattr(dataset, keyword, _as_text(identifiers[keyword], encodings))
     _copy_cleaned(source, dataset, encodings)
     return SourceHeader(dataset=dataset, identifiers=identifiers, character_set=charset,
-                        identifier_vrs=identifier_vrs, offset=_offset(source, site_zone,
-                                       created or dt.datetime.now(dt.UTC)))
+                        identifier_vrs=identifier_vrs, created=created,
+                        offset=_offset(source, site_zone, created))
 
 
 def raw_bytes(ds: Dataset, keyword: str) -> bytes | None:
@@ -298,12 +302,10 @@ def _as_text(raw: bytes, encodings: tuple[str, ...]) -> str:
 
 def _offset(source: Dataset, site_zone: dt.tzinfo, created: dt.datetime) -> dt.timezone:
     """The source's Timezone Offset From UTC, else the site zone's offset at the study, else
-    (no plausible study date) at ``created``; in whole minutes, as DICOM writes it."""
+    (no plausible study date) at ``created`` (aware); in whole minutes, as DICOM writes it."""
     declared = values.utc_offset(_read(source, "TimezoneOffsetFromUTC"))
     if declared is not None:
         return declared
-    if created.tzinfo is None:
-        created = created.replace(tzinfo=dt.UTC)
     study = _study_moment(source, created.astimezone(site_zone).replace(tzinfo=None))
     if study is None:
         # No date, or only a modality clock's placeholder (19000101): zones then had offsets
