@@ -9,6 +9,7 @@ packages=(
   dcmtk                                  # storescu to send studies, dsrdump to read SRs
   wrk                                    # HTTP load in the benchmark (make bench)
   libpixelmed-java default-jre-headless  # Pixelmed's TID 1500 validator in the tests
+  chromium                               # the browser the web-page tests drive (Playwright)
   make
 )
 if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then

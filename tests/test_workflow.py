@@ -189,7 +189,7 @@ def test_live_events_reach_an_http_client(live_api: str, clean_servers: Servers)
     worklist = Worklist(clean_servers.redis)
     received: list[tuple[str, dict]] = []
     with httpx.stream("GET", f"{live_api}/api/v1/worklist/events",
-                      params={"access_token": token}, timeout=20) as response:
+                      headers={"Authorization": f"Bearer {token}"}, timeout=20) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = response.iter_lines()
@@ -208,6 +208,53 @@ def test_live_events_reach_an_http_client(live_api: str, clean_servers: Servers)
     assert all(d["study_instance_uid"] == "1.2.3.1" for _, d in received)
     unauthorised = httpx.get(f"{live_api}/api/v1/worklist/events", timeout=5)
     assert unauthorised.status_code == 401
+    in_url = httpx.get(f"{live_api}/api/v1/worklist/events",
+                       params={"access_token": token}, timeout=5)
+    assert in_url.status_code == 401  # tokens in URLs end up in access logs
+
+
+def _events(lines: Iterator[str], count: int) -> list[tuple[str, str, dict]]:
+    """The next ``count`` events of a stream as (id, event, data)."""
+    found: list[tuple[str, str, dict]] = []
+    event_id = event = ""
+    for line in lines:
+        if line.startswith("id: "):
+            event_id = line.removeprefix("id: ")
+        elif line.startswith("event: "):
+            event = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            found.append((event_id, event, json.loads(line.removeprefix("data: "))))
+            if len(found) == count:
+                break
+    return found
+
+
+def test_live_events_resume_after_the_last_event_id(live_api: str,
+                                                    clean_servers: Servers) -> None:
+    token = create_token(clean_servers.redis, role=Role.RADIOLOGIST, owner="viewer")
+    headers = {"Authorization": f"Bearer {token}"}
+    worklist = Worklist(clean_servers.redis)
+    with httpx.stream("GET", f"{live_api}/api/v1/worklist/events", headers=headers,
+                      timeout=20) as response:
+        lines = response.iter_lines()
+        assert next(lines) == ": connected"
+        worklist.put(make_item(1, PriorityClass.ROUTINE, 1), event="queued")
+        [(seen, _, _)] = _events(lines, 1)
+    # Changes made while the client was away come first when it reconnects.
+    worklist.put(make_item(2, PriorityClass.URGENT, 2), event="queued")
+    claim(worklist, "1.2.3.1", "viewer", minutes=5)
+    with httpx.stream("GET", f"{live_api}/api/v1/worklist/events",
+                      headers={**headers, "Last-Event-ID": seen}, timeout=20) as response:
+        missed = _events(response.iter_lines(), 2)
+    assert [(e, d["study_instance_uid"]) for _, e, d in missed] == [
+        ("queued", "1.2.3.2"), ("claim", "1.2.3.1")]
+    # An id older than what is kept, or not an id at all: the client must fetch again.
+    clean_servers.redis.xtrim("triage:events:stream", maxlen=1, approximate=False)
+    for stale in (seen, "not-an-id"):
+        with httpx.stream("GET", f"{live_api}/api/v1/worklist/events",
+                          headers={**headers, "Last-Event-ID": stale}, timeout=20) as response:
+            [(_, event, _)] = _events(response.iter_lines(), 1)
+        assert event == "reset"
 
 
 def test_late_instance_reanalysis_supersedes_the_sr(clean_servers: Servers,

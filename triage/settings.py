@@ -124,10 +124,27 @@ class Settings(BaseSettings):
     oidc_audience: str | None = None
     oidc_jwks_file: Path | None = None
     oidc_jwks_url: str | None = None
+    oidc_client_id: str | None = Field(
+        default=None, description="This service's client id at the identity provider: enables "
+        "the 'Sign in with the hospital account' button (authorization code with PKCE)")
+    oidc_client_secret: str | None = Field(
+        default=None, description="Client secret, for a confidential client; a public client "
+        "relies on PKCE alone")
+    oidc_scopes: str = "openid profile"
     oidc_role_claim: str = "roles"
     oidc_role_map: dict[str, str] = Field(
         default_factory=dict, description="identity-provider role -> service role"
     )
+    session_lock_minutes: int = Field(
+        default=10, ge=1, description="A page left without keyboard or mouse input this long "
+        "hides patient data behind a lock screen; unlocking needs signing in again")
+    session_idle_minutes: int = Field(
+        default=60, ge=1, description="A browser session unused this long is signed out")
+    session_max_hours: int = Field(
+        default=12, ge=1, description="A browser session ends this long after signing in")
+    cookie_secure: bool | None = Field(
+        default=None, description="Mark the session cookie Secure; unset: when the page is "
+        "served over HTTPS (TRIAGE_PUBLIC_URL or the request)")
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed to call the API from a browser"
     )

@@ -7,12 +7,11 @@ Each change is also published on a Redis channel for live updates.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import cast
+from typing import Any, cast
 
 import redis
 from pydantic import BaseModel, Field
@@ -21,7 +20,10 @@ from triage.priority import PriorityClass
 
 KEY_PREFIX = "triage"
 WORKLIST_KEY = f"{KEY_PREFIX}:worklist"
-EVENTS_CHANNEL = f"{KEY_PREFIX}:events"
+# Every change is appended to this stream with the study, its status and its priority; the
+# live-events route replays it from a client's last event id after a dropped connection.
+EVENTS_STREAM = f"{KEY_PREFIX}:events:stream"
+EVENTS_KEPT = 20_000
 CLAIMS_KEY = f"{KEY_PREFIX}:claims"
 # Every change to any item increments the version; the epoch is set by the first write after
 # Redis was emptied, so that a version number counted again from 1 is never taken for an
@@ -309,10 +311,10 @@ class Worklist:
                 return
             pipe.multi()
             _write(pipe, old, new)
+            pipe.xadd(EVENTS_STREAM, cast(Any, _event(event, new)), maxlen=EVENTS_KEPT,
+                      approximate=True)
 
         self.redis.transaction(transaction, key)
-        if new is not None:
-            self._publish(event, new)
         return new
 
     def promote_overdue(self, *, now: datetime, max_wait: timedelta) -> list[str]:
@@ -429,11 +431,7 @@ class Worklist:
                 if item.claim_expires_at and item.claim_expires_at <= now else None,
                 event="claim")
 
-    def _publish(self, event: str, item: WorklistItem) -> None:
-        message = {
-            "event": event,
-            "study_instance_uid": item.study_instance_uid,
-            "status": item.status.value,
-            "priority": item.priority.value,
-        }
-        self.redis.publish(EVENTS_CHANNEL, json.dumps(message))
+
+def _event(event: str, item: WorklistItem) -> dict[str, str]:
+    return {"event": event, "study_instance_uid": item.study_instance_uid,
+            "status": item.status.value, "priority": item.priority.value}

@@ -17,6 +17,7 @@ from triage.audit import AsyncAuditWriter
 from triage.oidc import OidcValidator
 from triage.pagecache import PageCache
 from triage.settings import Settings, get_settings
+from triage.web.sessions import Sessions
 from triage.worklist import Worklist
 
 
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.audit = AsyncAuditWriter(app.state.aredis)
     app.state.pages = PageCache(Worklist(app.state.redis), app.state.aredis)
     app.state.oidc = OidcValidator(settings) if settings.oidc_issuer else None
+    app.state.sessions = Sessions(settings)
     app.add_middleware(RequestSizeLimit, limit=settings.max_request_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import redis
 import redis.asyncio as aioredis
-from fastapi import Depends, HTTPException, Query, Request, status
+from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
@@ -17,6 +17,16 @@ from triage.audit import AuditAction, record
 from triage.pagecache import PageCache
 from triage.settings import Settings
 from triage.tokens import TOKENS_KEY, Role, TokenRecord, token_field, valid_record
+from triage.web.sessions import (
+    BACKGROUND_HEADER,
+    COOKIE,
+    CSRF_FIELD,
+    CSRF_HEADER,
+    SAFE_METHODS,
+    Sessions,
+    csrf_matches,
+    same_origin,
+)
 from triage.worklist import Worklist
 
 _bearer = HTTPBearer(auto_error=False, description="A token from `triage token create`")
@@ -106,22 +116,52 @@ async def _authenticate(request: Request, token: str | None) -> TokenRecord:
     return record
 
 
+async def session_user(request: Request) -> TokenRecord | None:
+    """The user of the browser session the request's cookie names, if it is valid.
+
+    Requests that change something must carry the session's CSRF token and come from this
+    site. A locked session answers 401 until the user signs in again. User actions (anything
+    but background refreshes and the live stream) restart the session's idle time.
+    """
+    sessions: Sessions = request.app.state.sessions
+    session_id = request.cookies.get(COOKIE)
+    if not session_id:
+        return None
+    connection: aioredis.Redis = request.app.state.aredis()
+    session = await sessions.get(connection, session_id)
+    if session is None:
+        return None
+    if session.locked:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "session locked: sign in again")
+    if request.method not in SAFE_METHODS:
+        settings: Settings = request.app.state.settings
+        if not same_origin(request.headers.get("origin"), request.headers.get("host"),
+                           settings.public_url):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "request from another site")
+        offered = request.headers.get(CSRF_HEADER)
+        if offered is None and request.headers.get("content-type", "").startswith(
+                ("application/x-www-form-urlencoded", "multipart/form-data")):
+            value = (await request.form()).get(CSRF_FIELD)
+            offered = value if isinstance(value, str) else None
+        if not csrf_matches(session, offered):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "missing or wrong CSRF token")
+    request.state.session = session
+    if not request.headers.get(BACKGROUND_HEADER) and not request.url.path.endswith(
+            "/events"):
+        await sessions.touch(connection, session_id, session)
+    return session.user()
+
+
 async def current_user(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> TokenRecord:
+    """The caller: a bearer token (API clients) or a browser session (the web pages)."""
+    if credentials is None:
+        user = await session_user(request)
+        if user is not None:
+            return user
     return await _authenticate(request, credentials.credentials if credentials else None)
-
-
-async def stream_user(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    access_token: Annotated[str | None, Query(description="for EventSource clients")] = None,
-) -> TokenRecord:
-    """Like ``current_user``, also accepting the token as a query parameter: browsers'
-    EventSource cannot send an Authorization header."""
-    return await _authenticate(request,
-                               credentials.credentials if credentials else access_token)
 
 
 def _require(identify: Callable[..., Awaitable[TokenRecord]], roles: tuple[Role, ...]
@@ -144,8 +184,6 @@ def require(*roles: Role) -> Callable[[TokenRecord], Awaitable[TokenRecord]]:
 AdminDep = Annotated[TokenRecord, Depends(require(Role.ADMIN))]
 IntegrationDep = Annotated[TokenRecord, Depends(require(Role.INTEGRATION, Role.ADMIN))]
 ReaderDep = Annotated[TokenRecord, Depends(require(Role.RADIOLOGIST, Role.ADMIN))]
-StreamReaderDep = Annotated[TokenRecord, Depends(_require(stream_user, (Role.RADIOLOGIST,
-                                                                           Role.ADMIN)))]
 
 
 def audit(request: Request, user: TokenRecord, action: AuditAction, *,

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis.asyncio as aioredis
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
-from triage.api.deps import PagesDep, ReaderDep, SettingsDep, StreamReaderDep, audit_async
+from triage.api.deps import PagesDep, ReaderDep, SettingsDep, audit_async
 from triage.audit import AuditAction
 from triage.priority import PriorityClass
 from triage.worklist import (
     DEFAULT_PAGE_SIZE,
-    EVENTS_CHANNEL,
+    EVENTS_STREAM,
     MAX_PAGE_SIZE,
     StudyStatus,
     WorklistPage,
@@ -61,34 +62,72 @@ async def worklist(
 
 @router.get("/worklist/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
-async def events(_user: StreamReaderDep, settings: SettingsDep,
-                 request: Request) -> StreamingResponse:
+async def events(_user: ReaderDep, settings: SettingsDep, request: Request,
+                 last_event_id: Annotated[str | None, Header(max_length=64)] = None
+                 ) -> StreamingResponse:
     """Server-sent events: new studies, status, priority and claim changes, as they happen.
 
-    Each event is ``event: <kind>`` with JSON data naming the study, its status and its
-    priority. Browsers' EventSource cannot send headers: pass the token as
-    ``?access_token=``.
+    Each event is ``event: <kind>`` with an ``id`` and JSON data naming the study, its status
+    and its priority. A client that reconnects with ``Last-Event-ID`` (browsers' EventSource
+    does so by itself) first gets every change it missed; if they are no longer all kept, it
+    gets ``event: reset`` and should fetch the worklist again. API clients send their bearer
+    token; the web pages are authenticated by their session cookie, never a token in the URL.
     """
     async def stream() -> AsyncIterator[str]:
-        connection = aioredis.Redis.from_url(settings.redis_connection_url)
-        pubsub = connection.pubsub()
-        await pubsub.subscribe(EVENTS_CHANNEL)
+        # Its own connection: a blocking read holds it until an event or the keepalive.
+        connection = aioredis.Redis.from_url(settings.redis_connection_url,
+                                             socket_timeout=KEEPALIVE_SECONDS + 10)
         try:
+            position = await _start(connection, last_event_id)
+            if position is None:
+                position = await _newest(connection)
+                yield "event: reset\ndata: {}\n\n"
             yield ": connected\n\n"
             while not await request.is_disconnected():
-                message = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                   timeout=KEEPALIVE_SECONDS)
-                if message is None:
+                answer: Any = await connection.xread({EVENTS_STREAM: position}, count=200,
+                                                block=int(KEEPALIVE_SECONDS * 1000))
+                if not answer:
                     yield ": keepalive\n\n"
                     continue
-                data = json.loads(message["data"])
-                yield f"event: {data['event']}\ndata: {json.dumps(data)}\n\n"
+                for entry_id, fields in answer[0][1]:
+                    position = entry_id.decode()
+                    data = {k.decode(): v.decode() for k, v in fields.items()}
+                    yield (f"id: {position}\nevent: {data.get('event', 'updated')}\n"
+                           f"data: {json.dumps(data)}\n\n")
         except asyncio.CancelledError:
             pass
         finally:
-            await pubsub.unsubscribe(EVENTS_CHANNEL)
-            await pubsub.aclose()
             await connection.aclose()
 
     return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+                             headers={"Cache-Control": "no-store"})
+
+
+_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+
+async def _newest(connection: aioredis.Redis) -> str:
+    newest: Any = await connection.xrevrange(EVENTS_STREAM, count=1)
+    return newest[0][0].decode() if newest else "0-0"
+
+
+async def _start(connection: aioredis.Redis, last_event_id: str | None) -> str | None:
+    """Where to start reading: after ``last_event_id`` when every later event is still kept
+    (``None`` when some are gone), else after the newest event."""
+    if not last_event_id:
+        return await _newest(connection)
+    if not _EVENT_ID.match(last_event_id):
+        return None
+    oldest: Any = await connection.xrange(EVENTS_STREAM, count=1)
+    if not oldest:
+        return last_event_id
+
+    def parts(entry: str) -> tuple[int, int]:
+        ms, seq = entry.split("-")
+        return int(ms), int(seq)
+
+    # The stream is trimmed from the front: once the client's last event is gone, events
+    # after it may be gone too.
+    if parts(oldest[0][0].decode()) > parts(last_event_id):
+        return None
+    return last_event_id
