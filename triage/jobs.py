@@ -19,7 +19,7 @@ import pydicom
 import redis
 from rq import get_current_job
 
-from triage import audit, delivery
+from triage import audit, delivery, metrics
 from triage.errors import (
     InvalidInput,
     OutOfScope,
@@ -33,6 +33,7 @@ from triage.ingest import SourceSeries, StudySnapshot, snapshot_study
 from triage.keyimage import build_key_image
 from triage.logs import pseudonym
 from triage.memory import tune_for_images
+from triage.metrics import Stage, StudyMeasurement
 from triage.orthanc import OrthancClient
 from triage.priority import highest
 from triage.registry import ModelPackage, ModelRegistry
@@ -100,8 +101,9 @@ def analyse_study(orthanc_id: str, study_instance_uid: str, inputs: str) -> str:
     if started is None:
         log.info("study %s: job superseded by a newer set of instances", key)
         return SUPERSEDED
+    measurement = StudyMeasurement()
     try:
-        status = _analyse(ctx, orthanc_id, study_instance_uid, inputs)
+        status = _analyse(ctx, orthanc_id, study_instance_uid, inputs, measurement)
     except (OutOfScope, InvalidInput) as exc:
         status = StudyStatus.SKIPPED
         _set_status(ctx, study_instance_uid, inputs, status, status_reason(exc))
@@ -115,17 +117,32 @@ def analyse_study(orthanc_id: str, study_instance_uid: str, inputs: str) -> str:
         else:
             _set_status(ctx, study_instance_uid, inputs, StudyStatus.FAILED,
                         f"{status_reason(exc)} after several attempts")
+            _measured(ctx, key, StudyStatus.FAILED, measurement)
         raise
     except Exception as exc:
         log.error("study %s: analysis failed (%s)", key, type(exc).__name__)
         _set_status(ctx, study_instance_uid, inputs, StudyStatus.FAILED, status_reason(exc))
+        _measured(ctx, key, StudyStatus.FAILED, measurement)
         _no_retry()
         raise
+    if isinstance(status, StudyStatus):
+        _measured(ctx, key, status, measurement)
     log.info("study %s %s", key, status.value if isinstance(status, StudyStatus) else status)
     return status.value if isinstance(status, StudyStatus) else status
 
 
 SUPERSEDED = "superseded"
+
+
+def _measured(ctx: WorkerContext, key: str, outcome: StudyStatus,
+              measurement: StudyMeasurement) -> None:
+    """Add what was measured of the study to the shared metrics. A metric is never worth
+    an analysis: any error is logged (with the study's pseudonym ``key``) and dropped."""
+    try:
+        metrics.record_study(ctx.redis, outcome, measurement, job=get_current_job(),
+                             study_key=key)
+    except Exception as exc:
+        log.warning("study %s: metrics not recorded (%s)", key, type(exc).__name__)
 
 
 def _no_retry() -> None:
@@ -147,8 +164,8 @@ def _for_inputs(inputs: str, change: Callable[[WorklistItem], WorklistItem]
     return lambda item: change(item) if item.inputs == inputs else None
 
 
-def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str,
-             inputs: str) -> StudyStatus | str:
+def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str, inputs: str,
+             measurement: StudyMeasurement) -> StudyStatus | str:
     snapshot = snapshot_study(ctx.orthanc, orthanc_id, details=True,
                               study_instance_uid=study_uid)
     if snapshot.inputs != inputs:
@@ -180,6 +197,7 @@ def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str,
         timings = {name: loaded.timings[name] for name in ("fetch", "decode")}
         results.append(with_timings(
             infer(package, loaded.volume, series.info.series_instance_uid), **timings))
+        measurement.add_result(results[-1])
         for header in loaded.headers:
             evidence.setdefault(header.SOPInstanceUID, header)
         orthanc_ids.update(loaded.orthanc_ids)
@@ -197,10 +215,12 @@ def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str,
     built = time.perf_counter()
     ctx.orthanc.store(buffer.getvalue())
     stored = time.perf_counter()
+    measurement.seconds.update({Stage.SR_BUILD: built - started, Stage.STORE: stored - built})
     sr_uid = str(report.SOPInstanceUID)
     _record_results(ctx, snapshot, results, sr_uid,
                     {"sr_build": built - started, "store": stored - built},
                     note="; ".join(f"not analysed by {model}: {exc}" for model, exc in refused))
+    measurement.notified_at = time.time()
     if any(d.key_images for d in ctx.settings.destinations):
         _store_key_image(ctx, results, orthanc_ids, sr_uid)
     item = ctx.worklist.get(study_uid)

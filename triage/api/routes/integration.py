@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
 
-from triage.admin import queue_depths, workers
-from triage.api.deps import IntegrationDep, RedisDep, WorklistDep, audit
+from triage.api.deps import IntegrationDep, WorklistDep, audit
 from triage.audit import AuditAction
+from triage.metrics import RedisCollector
 from triage.priority import PriorityClass
 from triage.worklist import FindingItem, StudyStatus, WorklistItem
 
@@ -58,20 +59,20 @@ def result(study_instance_uid: str, request: Request, user: IntegrationDep,
     return _result(item)
 
 
+def _metrics_registry(request: Request) -> CollectorRegistry:
+    """The app's Prometheus registry: one collector reading the metrics every worker keeps in
+    Redis (made on the first scrape)."""
+    registry: CollectorRegistry | None = getattr(request.app.state, "metrics_registry", None)
+    if registry is None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(RedisCollector(request.app.state.redis))
+        request.app.state.metrics_registry = registry
+    return registry
+
+
 @router.get("/metrics", response_class=PlainTextResponse)
-def metrics(_user: IntegrationDep, worklist: WorklistDep, connection: RedisDep) -> str:
-    """Prometheus text format: studies by status and priority, queue depths, live workers."""
-    lines = ["# TYPE triage_studies gauge"]
-    lines += [f'triage_studies{{status="{s.value}"}} {worklist.count_facet(f"status:{s.value}")}'
-              for s in StudyStatus]
-    counts = worklist.query_counts()
-    lines += ["# TYPE triage_studies_by_priority gauge"]
-    lines += [f'triage_studies_by_priority{{priority="{p}"}} {n}' for p, n in counts.items()]
-    lines += ["# TYPE triage_queue_jobs gauge"]
-    for depth in queue_depths(connection):
-        for state in ("queued", "started", "scheduled", "failed"):
-            lines.append(f'triage_queue_jobs{{queue="{depth.name}",state="{state}"}} '
-                         f"{getattr(depth, state)}")
-    alive = sum(w.alive for w in workers(connection))
-    lines += ["# TYPE triage_workers_alive gauge", f"triage_workers_alive {alive}"]
-    return "\n".join(lines) + "\n"
+def metrics(request: Request, _user: IntegrationDep) -> Response:
+    """Prometheus text format: studies by outcome and model version, stage and
+    time-to-notification histograms, queue depths, live workers, worklist counts."""
+    return Response(generate_latest(_metrics_registry(request)),
+                    media_type=CONTENT_TYPE_LATEST)
