@@ -45,6 +45,8 @@ POLICY: dict[str, set[Role] | None] = {
     "/api/v1/integration/results/{study_instance_uid}": SYSTEMS,
     "/api/v1/admin/queues": ADMINS,
     "/api/v1/admin/workers": ADMINS,
+    "/api/v1/admin/jobs": ADMINS,
+    "/api/v1/admin/jobs/{job_id}": ADMINS,
     "/api/v1/admin/jobs/failed": ADMINS,
     "/api/v1/admin/jobs/failed/requeue": ADMINS,
     "/api/v1/admin/jobs/{job_id}/requeue": ADMINS,
@@ -52,6 +54,8 @@ POLICY: dict[str, set[Role] | None] = {
     "/api/v1/admin/tokens/{token_id}": ADMINS,
     "/api/v1/admin/models": ADMINS,
     "/api/v1/admin/audit": ADMINS,
+    "/api/v1/admin/audit/verify": ADMINS,
+    "/api/v1/admin/charts": ADMINS,
     "/api/v1/admin/deliveries": ADMINS,
     "/api/v1/admin/deliveries/retry": ADMINS,
 }

@@ -36,10 +36,16 @@ class AuditAction(str, Enum):
     STUDY_READ = "study.read"
     FEEDBACK_RECORDED = "feedback.recorded"
     JOB_REQUEUED = "admin.job_requeued"
+    JOB_DELETED = "admin.job_deleted"
     TOKEN_CREATED = "token.created"
     TOKEN_REVOKED = "token.revoked"
     AUDIT_EXPORTED = "audit.exported"
     WORKLIST_REBUILT = "admin.worklist_rebuilt"
+    SIGNED_IN = "session.signed_in"
+    SIGNED_OUT = "session.signed_out"
+    SESSION_LOCKED = "session.locked"
+    SIGN_IN_REFUSED = "session.sign_in_refused"
+    KEY_IMAGE_VIEWED = "study.key_image_viewed"
 
 
 class AuditRecord(BaseModel):

@@ -42,6 +42,10 @@ class StudySnapshot:
     received_at: datetime | None = None
     # Instances of the SRs the service wrote into this study earlier.
     own_sr_ids: tuple[str, ...] = ()
+    # The second and third identifiers reading rooms show beside the name and ID.
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    patient_age: str = ""
 
     @property
     def inputs(self) -> str:
@@ -120,5 +124,8 @@ def snapshot_study(orthanc: OrthancClient, orthanc_id: str, *, details: bool = F
         calling_aet=calling_aet,
         received_at=received_at,
         own_sr_ids=tuple(own_sr_ids),
+        patient_birth_date=str(patient.get("PatientBirthDate", "")),
+        patient_sex=str(patient.get("PatientSex", "")),
+        patient_age=str(first.get("PatientAge", "") or ""),
     )
 

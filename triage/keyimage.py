@@ -8,6 +8,7 @@ image goes in a new series of the same study; its UIDs derive from the SR it ill
 from __future__ import annotations
 
 import datetime as dt
+import io
 
 import numpy as np
 import pydicom
@@ -78,21 +79,31 @@ def build_key_image(source: pydicom.Dataset, finding: Finding, model: ModelIdent
     return image
 
 
-def _display(source: pydicom.Dataset) -> np.ndarray:
+def render_png(source: pydicom.Dataset, window: tuple[float, float] | None) -> bytes:
+    """The slice as a PNG for the study page, in ``window`` (centre, width) when given."""
+    out = io.BytesIO()
+    Image.fromarray(_display(source, window)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _display(source: pydicom.Dataset,
+             window: tuple[float, float] | None = None) -> np.ndarray:
     """The slice (the first frame of a multi-frame image) as 8-bit greyscale, brighter
-    meaning denser. Raises InvalidInput as the analysis's decoder does."""
+    meaning denser, in ``window`` (CT: a brain window by default). Raises InvalidInput as
+    the analysis's decoder does."""
     decoded = decode_instance(source, Rescale.HU)
     for error in (decoded.header_error, decoded.pixel_error):
         if error is not None:
             raise error
     values = decoded.frames[0]
-    if str(source.get("Modality", "")).strip().upper() == "CT":
-        centre, width = CT_WINDOW
+    is_ct = str(source.get("Modality", "")).strip().upper() == "CT"
+    if window is not None or is_ct:
+        centre, width = window or CT_WINDOW
         low, high = centre - width / 2, centre + width / 2
     else:
         low, high = (float(v) for v in np.percentile(values, [1, 99]))
-        if str(source.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-            values = high + low - values
+    if not is_ct and str(source.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        values = high + low - values
     scaled = (np.clip(values, low, high) - low) / max(high - low, 1e-6) * 255
     return scaled.astype(np.uint8)
 

@@ -214,6 +214,10 @@ class Manifest(_Strict):
     preprocessing: Preprocessing
     outputs: list[OutputLabel] = Field(min_length=1)
     runtime: Runtime = Field(default_factory=Runtime)
+    display_window: Window | None = Field(
+        default=None, description="The window the key image is shown in on the study page "
+        "(e.g. a brain window for head CT); unset: the preprocessing window, else the "
+        "image's own 1st to 99th percentile")
 
     @model_validator(mode="after")
     def _unique_labels(self) -> Manifest:

@@ -22,6 +22,7 @@ from typing import Any, cast
 
 import redis
 
+from triage import metrics
 from triage.arrivals import ArrivalClock
 from triage.errors import TransientError
 from triage.ingest import StudySnapshot, snapshot_study
@@ -65,7 +66,7 @@ def _queue_for(existing: WorklistItem | None, clinical: ClinicalPriority) -> Que
     return QueueName.BULK
 
 
-def _logged_on_error(work: Callable[[], None], what: str) -> bool:
+def _logged_on_error(work: Callable[[], object], what: str) -> bool:
     """Run ``work``; any error but Orthanc or Redis being down is logged with ``what`` and
     swallowed. Returns whether it succeeded."""
     try:
@@ -256,10 +257,14 @@ class Watcher:
             return False
         if not snapshot.series:
             return False  # only the service's own SRs: nothing to analyse
-        return self.queue_study(snapshot)
+        return self.queue_study(snapshot, timed=True)
 
-    def queue_study(self, snapshot: StudySnapshot) -> bool:
-        """Put the study on the worklist (``queued``) and enqueue its analysis, once."""
+    def queue_study(self, snapshot: StudySnapshot, *, timed: bool = False) -> bool:
+        """Put the study on the worklist (``queued``) and enqueue its analysis, once.
+
+        ``timed``: the study has just become complete, so its stable wait and time to
+        notification mean something (not so for a study queued by a rebuild of the worklist).
+        """
         job_id = make_job_id(snapshot.study_instance_uid, snapshot.inputs)
         clinical = clinical_priority(snapshot.first_instance, calling_aet=snapshot.calling_aet,
                                      emergency_locations=self.settings.emergency_locations,
@@ -279,6 +284,8 @@ class Watcher:
         self.worklist.upsert(snapshot.study_instance_uid, change, event="queued")
         if queue is None:
             return False
+        if timed:
+            self._note_queued(snapshot, job_id)
         enqueue_analysis(self.redis, self.settings, queue=queue, job_id=job_id,
                          orthanc_id=snapshot.orthanc_id,
                          study_instance_uid=snapshot.study_instance_uid,
@@ -286,6 +293,18 @@ class Watcher:
         log.info("study %s queued (%d instances, queue %s)",
                  pseudonym(snapshot.study_instance_uid), snapshot.n_instances, queue.value)
         return True
+
+    def _note_queued(self, snapshot: StudySnapshot, job_id: str) -> None:
+        """Tell the worker, for the metrics, when the study's last instance reached Orthanc
+        (``LastUpdate``) and that it is queued now. Written before the job exists, so the
+        worker always finds it; a metric never holds up a study, so errors are only logged."""
+        try:
+            study = self.orthanc.study(snapshot.orthanc_id)
+            metrics.note_queued(self.redis, job_id,
+                                received=orthanc_time(study.get("LastUpdate", "")))
+        except Exception as exc:
+            log.warning("study %s: arrival not noted for the metrics (%s)",
+                        pseudonym(snapshot.study_instance_uid), type(exc).__name__)
 
     @staticmethod
     def _queued_item(snapshot: StudySnapshot, job_id: str, clinical: ClinicalPriority,
@@ -296,6 +315,9 @@ class Watcher:
             "accession_number": snapshot.accession_number,
             "patient_name": snapshot.patient_name,
             "patient_id": snapshot.patient_id,
+            "patient_birth_date": snapshot.patient_birth_date,
+            "patient_sex": snapshot.patient_sex,
+            "patient_age": snapshot.patient_age,
             "modality": snapshot.modalities,
             "study_description": snapshot.study_description,
             "study_date": snapshot.study_date,
@@ -328,6 +350,9 @@ class Watcher:
                 self.poll_once()
                 if time.monotonic() - last_maintenance >= MAINTENANCE_SECONDS:
                     self.maintain(utcnow())
+                    # At most once a minute, whichever watcher takes the minute.
+                    _logged_on_error(lambda: metrics.sample_queue_depth_if_due(self.redis),
+                                     "queue depth not sampled")
                     last_maintenance = time.monotonic()
             except (TransientError, redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("watcher waiting: %s", exc)

@@ -134,6 +134,9 @@ class WorklistItem(BaseModel):
     accession_number: str = ""
     patient_name: str = ""
     patient_id: str = ""
+    patient_birth_date: str = Field(default="", description="DICOM date, as the source wrote it")
+    patient_sex: str = ""
+    patient_age: str = Field(default="", description="Patient's Age as the modality wrote it")
     modality: str = ""
     study_description: str = ""
     study_date: str = ""
@@ -170,8 +173,7 @@ class WorklistItem(BaseModel):
         facets |= {f"modality:{m}" for m in self.modality.split("/") if m}
         facets |= {f"model:{r.model}" for r in self.results}
         facets |= {f"finding:{f.code}" for f in self.findings if f.positive}
-        if self.claimed_by:
-            facets.add(f"claimed:{self.claimed_by}")
+        facets.add(f"claimed:{self.claimed_by}" if self.claimed_by else "unclaimed")
         facets.add("read" if self.read_at else "unread")
         if self.accession_number:
             facets.add(f"accession:{self.accession_number}")
@@ -226,6 +228,7 @@ class WorklistQuery(BaseModel):
     model: str | None = None
     finding: str | None = Field(default=None, description="code of a positive finding")
     claimed_by: str | None = None
+    unclaimed: bool | None = Field(default=None, description="only studies nobody holds")
     read: bool | None = None
     received_from: datetime | None = None
     received_to: datetime | None = None
@@ -237,6 +240,8 @@ class WorklistQuery(BaseModel):
                             ("finding", self.finding), ("claimed", self.claimed_by)):
             if value:
                 facets.append(f"{kind}:{value}")
+        if self.unclaimed:
+            facets.append("unclaimed")
         if self.read is not None:
             facets.append("read" if self.read else "unread")
         return facets

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from importlib import resources
-
 import redis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse
 
 from triage import __version__
 from triage.api.deps import LoopRedis
@@ -17,6 +14,7 @@ from triage.audit import AsyncAuditWriter
 from triage.oidc import OidcValidator
 from triage.pagecache import PageCache
 from triage.settings import Settings, get_settings
+from triage.web import console, oidc_signin, pages, render, signin
 from triage.web.sessions import Sessions
 from triage.worklist import Worklist
 
@@ -52,10 +50,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(studies.router)
     app.include_router(admin.router)
     app.include_router(integration.router)
-    page = resources.files("triage.web").joinpath("index.html").read_text()
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> str:
-        return page
-
+    app.include_router(render.router)
+    app.include_router(signin.router)
+    app.include_router(oidc_signin.router)
+    app.include_router(pages.router)
+    app.include_router(console.router)
+    app.add_exception_handler(pages.SignInNeeded, pages.sign_in_redirect)  # type: ignore[arg-type]
     return app

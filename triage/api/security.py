@@ -17,7 +17,9 @@ def _headers(csp: str) -> list[tuple[bytes, bytes]]:
     return [
         (b"x-content-type-options", b"nosniff"),
         (b"x-frame-options", b"DENY"),
-        (b"referrer-policy", b"no-referrer"),
+        # Same-origin: pages name studies in their URLs, which never leave for another site;
+        # same-origin form posts keep their Origin header (checked against CSRF).
+        (b"referrer-policy", b"same-origin"),
         # Answers carry patient data: nothing may keep a copy.
         (b"cache-control", b"no-store"),
         (b"content-security-policy", csp.encode()),

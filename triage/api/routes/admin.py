@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from triage.admin import (
     FailedJob,
     JobNotFound,
+    JobState,
     QueueDepth,
     WorkerState,
+    delete_job,
     failed_jobs,
+    jobs_in,
     queue_depths,
     requeue,
     requeue_all,
     workers,
 )
 from triage.api.deps import AdminDep, RedisDep, SettingsDep, audit
-from triage.audit import AuditAction, export
+from triage.audit import AuditAction, Verification, export, verify
 from triage.delivery import retry_failed, undelivered
+from triage.metrics import ChartWindow, charts
 from triage.registry import ModelRegistry
 from triage.tokens import (
     DEFAULT_TOKEN_DAYS,
@@ -58,6 +63,31 @@ def get_workers(_admin: AdminDep, connection: RedisDep) -> list[WorkerState]:
 def get_failed_jobs(_admin: AdminDep, connection: RedisDep) -> list[FailedJob]:
     """Jobs that failed for good, with the study and the end of the error."""
     return failed_jobs(connection)
+
+
+@router.get("/jobs", response_model=list[JobState],
+            responses={404: {"description": "no such job state"}})
+def get_jobs(_admin: AdminDep, connection: RedisDep,
+             state: Annotated[str, Query(description="queued, started, scheduled, failed, "
+                                                     "finished, deferred or canceled")]
+             = "failed",
+             limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[JobState]:
+    """Jobs in one state across the queues (at most ``limit``), oldest first."""
+    try:
+        return jobs_in(connection, state, limit)
+    except JobNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+
+
+@router.delete("/jobs/{job_id}", status_code=status.HTTP_204_NO_CONTENT,
+               responses={404: {"description": "no such job, or it is running"}})
+def remove_job(job_id: str, request: Request, admin: AdminDep, connection: RedisDep) -> None:
+    """Delete a job that is not running (the study keeps its worklist item)."""
+    try:
+        delete_job(connection, job_id)
+    except JobNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    audit(request, admin, AuditAction.JOB_DELETED, details={"jobs": [job_id]})
 
 
 @router.post("/jobs/failed/requeue", response_model=Requeued)
@@ -142,6 +172,13 @@ def get_models(_admin: AdminDep, settings: SettingsDep) -> list[ModelState]:
     return states
 
 
+@router.get("/audit/verify", response_model=Verification)
+def verify_audit(_admin: AdminDep, connection: RedisDep) -> Verification:
+    """Walk the audit trail's hash chain: whether any record was altered, removed or
+    inserted, and the first broken link."""
+    return verify(connection)
+
+
 @router.get("/audit", response_class=StreamingResponse,
             responses={200: {"content": {"application/x-ndjson": {}}}})
 def get_audit(request: Request, admin: AdminDep, connection: RedisDep,
@@ -175,3 +212,38 @@ def retry_deliveries(request: Request, admin: AdminDep, connection: RedisDep) ->
     retried = retry_failed(connection)
     audit(request, admin, AuditAction.JOB_REQUEUED, details={"deliveries": retried})
     return Requeued(requeued=retried)
+
+
+class Percentiles(BaseModel):
+    p50: list[float | None]
+    p95: list[float | None]
+
+
+class StudyCounts(BaseModel):
+    analysed: list[int]
+    skipped: list[int]
+    failed: list[int]
+
+
+class QueueDepthSeries(BaseModel):
+    times: list[int] = Field(description="epoch seconds of each sample")
+    depth: list[int] = Field(description="jobs waiting on all queues")
+
+
+class Charts(BaseModel):
+    window: ChartWindow
+    bucket_seconds: int
+    buckets: list[int] = Field(description="start of each bucket, epoch seconds")
+    ttn: dict[str, Percentiles] = Field(
+        description="time to notification (s) per bucket, by '<model id> <version>'; "
+                    "null where the model analysed nothing")
+    studies: StudyCounts = Field(description="studies per outcome per bucket")
+    queue_depth: QueueDepthSeries
+
+
+@router.get("/charts", response_model=Charts)
+def get_charts(_admin: AdminDep, connection: RedisDep,
+               window: ChartWindow = ChartWindow.DAY) -> dict[str, Any]:
+    """Time to notification (50th and 95th percentiles) per model version, studies per
+    outcome, in hour buckets over 24 hours or 6-hour buckets over 7 days; queue depth."""
+    return charts(connection, window)

@@ -43,6 +43,7 @@ async def worklist(
     model: Annotated[str | None, Query(max_length=64)] = None,
     finding: Annotated[str | None, Query(max_length=64, description="finding code")] = None,
     claimed_by: Annotated[str | None, Query(max_length=128)] = None,
+    unclaimed: Annotated[bool | None, Query(description="only studies nobody holds")] = None,
     read: bool | None = None,
     received_from: datetime | None = None,
     received_to: datetime | None = None,
@@ -50,7 +51,8 @@ async def worklist(
     """Studies by priority class (critical, urgent, routine), then by arrival, with the
     number of matching studies per class."""
     query = WorklistQuery(status=status, priority=priority, modality=modality, model=model,
-                          finding=finding, claimed_by=claimed_by, read=read,
+                          finding=finding, claimed_by=claimed_by, unclaimed=unclaimed,
+                          read=read,
                           received_from=received_from, received_to=received_to)
     # Encoded once per worklist version and shared by every reader (triage.pagecache).
     page = await pages.get(query, limit=limit, offset=offset)
