@@ -45,7 +45,8 @@ class Outside:
 def offline_context(browser: Browser, *, theme: str | None = None, base_url: str = "",
                     **options: object) -> Iterator[tuple[BrowserContext, Outside]]:
     """A fresh browser profile whose requests outside this machine are blocked."""
-    context = browser.new_context(viewport={"width": 1440, "height": 900}, **options)
+    options = {"viewport": {"width": 1440, "height": 900}, **options}
+    context = browser.new_context(**options)
     outside = Outside()
     context.route("**/*", outside.route)
     if theme and base_url:

@@ -118,6 +118,8 @@ def _row(page: Page, uid: str):  # type: ignore[no-untyped-def]
 def test_token_sign_in_live_worklist_and_key_image(stack: Stack, browser: Browser) -> None:
     with offline_context(browser) as (context, outside):
         page = context.new_page()
+        console: list[str] = []
+        page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
         sign_in(page, stack.base, stack.tokens[Role.RADIOLOGIST])
         [cookie] = [c for c in context.cookies() if c["name"] == "triage_session"]
         assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
@@ -158,6 +160,7 @@ def test_token_sign_in_live_worklist_and_key_image(stack: Stack, browser: Browse
         headers = page.request.get(page.url).headers
         assert headers["cache-control"] == "no-store"
         assert outside.urls == []
+        assert [m for m in console if "Content Security Policy" in m] == []
 
         # The idle lock (here: the Lock button) hides patient data and ends access until the
         # same user signs in again.
@@ -306,7 +309,11 @@ def test_admin_sees_a_failed_job_and_requeues_it(stack: Stack, browser: Browser)
     stack.wait(lambda: stack.study(uid).get("status") == "failed", "failure", timeout=90)
     with offline_context(browser) as (context, _):
         page = context.new_page()
+        console: list[str] = []
+        page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
         sign_in(page, stack.base, stack.tokens[Role.ADMIN], "/admin")
+        for chart in ("ttn", "studies", "queue"):
+            expect(page.locator(f"#chart-{chart} .uplot")).to_have_count(1)
         job = page.locator("#panel-jobs tr.job", has_text=uid)
         expect(job).to_have_count(1, timeout=15_000)
         expect(job).to_contain_text("no model input no-such-input")
@@ -321,6 +328,7 @@ def test_admin_sees_a_failed_job_and_requeues_it(stack: Stack, browser: Browser)
         assert '"admin.job_requeued"' in audit and job_id in audit
         # The job ran again (and failed again: the package is still broken).
         stack.wait(lambda: stack.study(uid)["status_reason"] != "", "re-run")
+        assert [m for m in console if "Content Security Policy" in m] == []
 
 
 def test_docs_render_with_outbound_network_blocked(stack: Stack, browser: Browser) -> None:
@@ -366,3 +374,22 @@ def test_pages_have_no_serious_accessibility_violations(stack: Stack, browser: B
         shot(page, f"lock-{theme}")
         found = {name: v for name, v in checks.items() if v}
         assert not found, describe([{"page": k, "violations": v} for k, v in found.items()])
+
+
+@pytest.mark.parametrize(("width", "height", "min_font_px"),
+                         [(1280, 800, 14), (3840, 2160, 22)])
+def test_readable_on_a_laptop_and_a_4k_monitor(stack: Stack, browser: Browser, width: int,
+                                               height: int, min_font_px: float) -> None:
+    uid = _bleed_uid(stack)
+    with offline_context(browser, viewport={"width": width, "height": height}) as (
+            context, _):
+        page = context.new_page()
+        sign_in(page, stack.base, stack.tokens[Role.RADIOLOGIST])
+        for path in ("/", f"/studies/{uid}"):
+            page.goto(stack.base + path)
+            sizes = page.evaluate("""() => ({
+                overflow: document.documentElement.scrollWidth - window.innerWidth,
+                font: parseFloat(getComputedStyle(document.body).fontSize)})""")
+            assert sizes["overflow"] <= 0, f"{path} scrolls sideways at {width}px"
+            assert sizes["font"] >= min_font_px, f"{path} text too small at {width}px"
+        shot(page, f"study-{width}x{height}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from datetime import date, datetime, time
+from datetime import date, datetime, time, tzinfo
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -119,7 +119,8 @@ class Filters(BaseModel):
         except ValidationError:
             return cls()  # a mangled URL shows the whole list, never an error page
 
-    def query(self, user: str) -> WorklistQuery:
+    def query(self, user: str, zone: tzinfo) -> WorklistQuery:
+        """The worklist query; dates are days in the site's time zone."""
         return WorklistQuery(
             status=self.status, priority=self.priority,
             modality=(self.modality or "")[:16].upper() or None,
@@ -127,9 +128,8 @@ class Filters(BaseModel):
             claimed_by=user if self.claimed == "mine" else None,
             unclaimed=True if self.claimed == "unclaimed" else None,
             read={"read": True, "unread": False}.get(self.read or ""),
-            received_from=datetime.combine(self.start, time.min).astimezone()
-            if self.start else None,
-            received_to=datetime.combine(self.end, time.max).astimezone() if self.end else None)
+            received_from=datetime.combine(self.start, time.min, zone) if self.start else None,
+            received_to=datetime.combine(self.end, time.max, zone) if self.end else None)
 
     def url(self, **changes: Any) -> str:
         values = {**self.model_dump(mode="json", exclude_defaults=True), **changes}
@@ -190,7 +190,7 @@ def _worklist_context(request: Request, user: TokenRecord, filters: Filters,
 
 async def _query(request: Request, user: TokenRecord, filters: Filters) -> WorklistPage:
     worklist = Worklist(request.app.state.redis)
-    query = filters.query(user.owner)
+    query = filters.query(user.owner, request.app.state.settings.site_zone)
     return await run_in_threadpool(worklist.query, query, limit=DEFAULT_PAGE_SIZE,
                                    offset=max(0, filters.offset))
 
@@ -257,7 +257,7 @@ def earlier_results(request: Request, item: WorklistItem) -> list[dict[str, str]
                                       f"{tags.get('InstanceCreationTime', '')}".strip(),
                               "number": str(tags.get("InstanceNumber", "")),
                               "current": "yes" if uid == item.sr_sop_instance_uid else ""})
-        return sorted(found, key=lambda r: (r["current"] != "yes", r["when"]), reverse=False)
+        return sorted(found, key=lambda r: r["when"], reverse=True)  # newest first
     except (TriageError, OSError) as exc:
         log.warning("earlier results not read from Orthanc: %s", type(exc).__name__)
         return []
