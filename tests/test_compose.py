@@ -19,8 +19,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from triage.api.routes.docs import PACKAGE as DOCS_PACKAGE
 from triage.cli import main
 from triage.settings import Settings
+from triage.web.render import VENDOR
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -252,6 +254,11 @@ def test_dockerfile_installs_package_and_models() -> None:
     # Swagger UI for /docs comes from the locked npm packages, into the image.
     assert "COPY package.json package-lock.json .npmrc ./" in instructions
     assert "/app/web-assets" in DOCKERFILE.read_text()
+    # Every npm package the service serves travels into the image (the pages and /docs).
+    served = {package for package, _, _ in VENDOR.values()} | {DOCS_PACKAGE}
+    for package in served:
+        assert f"COPY --from=web-assets /build/node_modules/{package} ./web-assets/{package}" \
+            in instructions, package
     assert any(re.match(r"COPY\s+models/?\s+\S*models/?$", line) for line in instructions)
     assert any(re.search(r"pip install (\S+ )*\.(\s|$)", line) for line in instructions)
     users = [line.split()[1] for line in instructions if line.startswith("USER ")]
