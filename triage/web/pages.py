@@ -200,11 +200,7 @@ async def worklist_page(request: Request) -> Response:
     user = await page_user(request)
     filters = Filters.from_request(request)
     result = await _query(request, user, filters)
-    await request.app.state.audit.record(
-        actor=user.owner, role=user.role.value, source=_source(request),
-        action=AuditAction.WORKLIST_VIEWED,
-        details={"filters": filters.model_dump(mode="json", exclude_defaults=True),
-                 "shown": len(result.items), "via": "page"})
+    await _audit_view(request, user, filters, result, "page")
     return page(request, "worklist.html", **_worklist_context(request, user, filters, result))
 
 
@@ -214,7 +210,18 @@ async def worklist_rows(request: Request) -> Response:
     user = await page_user(request)
     filters = Filters.from_request(request)
     result = await _query(request, user, filters)
+    await _audit_view(request, user, filters, result, "live")
     return page(request, "fragment.html", **_worklist_context(request, user, filters, result))
+
+
+async def _audit_view(request: Request, user: TokenRecord, filters: Filters,
+                      result: WorklistPage, via: str) -> None:
+    """Every list of patients shown is in the audit trail, as for the JSON API."""
+    await request.app.state.audit.record(
+        actor=user.owner, role=user.role.value, source=_source(request),
+        action=AuditAction.WORKLIST_VIEWED,
+        details={"filters": filters.model_dump(mode="json", exclude_defaults=True),
+                 "shown": len(result.items), "via": via})
 
 
 def _source(request: Request) -> str:
