@@ -5,10 +5,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-# Front-end packages (package-lock.json), served by the service itself: Swagger UI for /docs.
+# Front-end packages (package-lock.json), served by the service itself: htmx and uPlot for
+# the pages, Swagger UI for /docs; axe-core for the accessibility tests.
 NODE_STAMP := node_modules/.installed-$(shell cat package-lock.json | cksum | cut -d' ' -f1)
 
-.PHONY: all deps demo test lint bench clean
+.PHONY: all deps demo test lint bench screenshots clean
 
 all: test
 
@@ -39,6 +40,11 @@ test: deps
 # writes bench/results/latest.json, summary.md and plots.
 bench: deps
 	$(BIN)/python -m bench.run
+
+# The README's pictures (docs/screenshots/*.png), taken in Chromium from a local stack
+# with the sample studies (bench/screenshots.py).
+screenshots: deps
+	$(BIN)/python -m bench.screenshots
 
 lint: deps
 	$(BIN)/ruff check triage tests models

@@ -77,7 +77,31 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows.append((f"Worker memory over {m['studies']} studies",
                  f"flat (< {m['growth_limit_percent']:g}% growth after warm-up)", growth,
                  _ok(m["met"])))
+    if "web" in s:
+        rows += web_targets(s["web"])
     return rows
+
+
+def web_targets(w: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The web section's rows of the targets table."""
+    first, live = w["first_page"], w["live_change"]
+    fs, ls = first["summary"], live["summary"]
+    target = f"< {w['target_seconds']:g} s"
+    off = live["off_page"]
+    off_text = ("" if off["ok"] is None else
+                f"; a change after the first page: counts in {off['counts_seconds']:.2f} s, "
+                + ("rows kept" if off["ok"] else "**page broken**"))
+    return [
+        (f"Worklist page, first {first['rows']} rows and counts, {w['studies']} studies "
+         "(Chromium)", target + " (p95)",
+         f"p50 {fs['p50']:.2f} s, p95 {fs['p95']:.2f} s, max {fs['max']:.2f} s over "
+         f"{fs['n']} loads; cold (first) {first['cold']['seconds']:.2f} s",
+         _ok(w["first_page_met"])),
+        (f"Worklist page, live change shown ({live['changes']} changes, "
+         f"{live['interval_seconds']:g} s apart)", target + " (p95)",
+         f"p50 {ls['p50']:.2f} s, p95 {ls['p95']:.2f} s, max {ls['max']:.2f} s" + off_text,
+         _ok(w["live_change_met"])),
+    ]
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -123,7 +147,31 @@ def markdown(results: dict[str, Any]) -> str:
               "CPU seconds per study while the pipeline ran, by process: "
               + ", ".join(f"{k} {v:.3f}" for k, v in
                           e["pipeline"]["cpu_seconds_per_study"].items()) + ".", ""]
+    if "web" in s:
+        lines += web_markdown(s["web"])
     return "\n".join(lines) + "\n"
+
+
+def web_markdown(w: dict[str, Any]) -> list[str]:
+    """The web section's paragraph: where a first page's time goes, by the page's clock."""
+    first = w["first_page"]
+    nav = first["navigation"]
+
+    def p50(name: str) -> str:
+        value = nav[name]["p50"]
+        return "n/a" if value != value else f"{value:.3f}"  # NaN: not reported
+
+    return ["## Worklist page in the browser", "",
+            f"{w['browser']}, viewport {w['viewport']['width']}x{w['viewport']['height']}; "
+            f"{w['studies']} studies on the worklist, {first['rows']} rows on the first page "
+            f"({first['html_bytes'] / 1024:.0f} KiB of HTML). Median seconds from the start of "
+            f"the navigation, by the page's clock: response end {p50('response_end')}, "
+            f"rows and counts in the page {first['in_page']['p50']:.3f}, first contentful "
+            f"paint {p50('first_contentful_paint')}, DOMContentLoaded end "
+            f"{p50('dom_content_loaded')}, load end {p50('load')}. A live change is "
+            f"timed from just before the Redis write to the row showing it "
+            f"({w['live_change']['change']}); drawn in the next frame: p50 "
+            f"{w['live_change']['painted']['p50']:.3f} s.", ""]
 
 
 def _plot_ttn(results: dict[str, Any], path: Path) -> None:

@@ -45,6 +45,23 @@ Results JSON (``latest.json``); every duration is in seconds unless its name say
                     workers: {pid: {warm_kib, last_kib, max_kib, growth_percent,
                                     slope_kib_per_100_studies}},
                     samples: [{analysed, rss_kib: {pid: kib}, at}]}
+      web:         {target_seconds, met, first_page_met, live_change_met, studies, added,
+                    made_realistic, page_size, browser, viewport,
+                    first_page: {met, loads, rows, html_bytes, cold: LOAD,
+                                 summary: STATS, in_page: STATS,
+                                 navigation: {response_start|response_end|
+                                              dom_content_loaded|load|
+                                              first_contentful_paint: STATS},
+                                 records: [LOAD]},
+                    live_change: {met, changes, interval_seconds, change, summary: STATS,
+                                  painted: STATS,
+                                  records: [{uid, seconds, painted_seconds, rank_after}],
+                                  off_page: {ok, change, counts_seconds, counts, rows_kept,
+                                             not_reloaded, shown, live_state}}}
+                   LOAD = {seconds, in_page_seconds, response_start, response_end,
+                           dom_content_loaded, load, first_contentful_paint, html_bytes, rows}
+                   (the worklist page in Chromium: see bench/web.py; STATS of first_page
+                   are over the loads after the cold one)
 """
 
 from __future__ import annotations
@@ -68,7 +85,7 @@ import numpy as np
 from rq import Queue
 from rq.job import Job
 
-from bench import api_load, report
+from bench import api_load, report, web
 from bench.limit import measure_limit
 from bench.measure import (
     TIMING_PARTS,
@@ -87,7 +104,8 @@ from triage.uids import derived_uid
 from triage.worklist import DEFAULT_PAGE_SIZE, StudyStatus, WorklistPage
 
 DEFAULT_OUTPUT = PROJECT_ROOT / "bench" / "results"
-SECTIONS = frozenset({"ingest", "ttn", "efficiency", "urgent_backlog", "memory", "api"})
+SECTIONS = frozenset({"ingest", "ttn", "efficiency", "urgent_backlog", "memory", "api",
+                      "web"})
 MEMORY_GROWTH_LIMIT_PERCENT = 5.0
 
 
@@ -113,6 +131,10 @@ class Config:
     api_changes_per_second: float = 20.0
     api_capacity_seconds: float = 10.0
     api_capacity_think_seconds: tuple[float, ...] = (0.1, 0.05, 0.02)
+    web_studies: int = 10_000
+    web_loads: int = 20
+    web_changes: int = 30
+    web_change_interval: float = 0.3
 
 
 SMOKE = Config(stable_age=1, ttn_radiographs=2, ttn_head_cts=1, ct_slices=10,
@@ -121,7 +143,8 @@ SMOKE = Config(stable_age=1, ttn_radiographs=2, ttn_head_cts=1, ct_slices=10,
                api_indexed=200, api_clients=5,
                api_seconds=2.0, api_paced_seconds=2.0, api_think_seconds=0.5,
                api_changes_per_second=5.0, api_capacity_seconds=1.0,
-               api_capacity_think_seconds=(0.1,))
+               api_capacity_think_seconds=(0.1,), web_studies=200, web_loads=3,
+               web_changes=3)
 
 
 def study_uid(key: str) -> str:
@@ -356,6 +379,17 @@ class Bench:
             out[key] = out[name]["latency_ms"]["p99"] <= 50.0 and out[name]["errors"] == 0
         return out
 
+    def web(self) -> dict[str, Any]:
+        """The worklist page in Chromium with ``web_studies`` realistic studies on the list:
+        first page and live changes (``bench/web.py``)."""
+        c = self.config
+        seeded = web.seed(self.stack.worklist, c.web_studies)
+        token = create_token(self.redis, role="radiologist", owner="bench-web", days=1)
+        base = f"http://127.0.0.1:{self.stack.settings.api_port}"
+        out = web.measure(base, self.stack.worklist, token, loads=c.web_loads,
+                          changes=c.web_changes, interval=c.web_change_interval)
+        return {**out, **seeded}
+
     def _check_worklist_answer(self, base: str, token: str) -> int:
         """One request checked in full before the load: 200, a valid page, a full page."""
         answer = httpx.get(base + api_load.WORKLIST_PATH, timeout=30,
@@ -397,6 +431,8 @@ class Bench:
                     self.urgent_backlog_and_memory())
             if "api" in only:
                 sections["api"] = self.api()
+            if "web" in only:
+                sections["web"] = self.web()
             versions = self._versions()
         finally:
             self.stack.stop()

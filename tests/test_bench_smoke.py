@@ -20,7 +20,7 @@ from triage.settings import PROJECT_ROOT
 pytest.importorskip("matplotlib")
 pytestmark = pytest.mark.servers
 
-SECTIONS = ("ttn", "efficiency", "urgent_backlog", "ingest", "api", "memory")
+SECTIONS = ("ttn", "efficiency", "urgent_backlog", "ingest", "api", "memory", "web")
 STATS = ("n", "p50", "p95", "p99", "max", "mean")
 
 
@@ -71,6 +71,15 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert all(_number(v) and v >= 0
                for v in s["efficiency"]["pipeline"]["cpu_seconds_per_study"].values())
     assert s["api"]["indexed"] >= results["config"]["api_indexed"]
+    web = s["web"]
+    assert web["target_seconds"] == 1.0
+    assert all(isinstance(web[k], bool) for k in ("met", "first_page_met", "live_change_met"))
+    _stats(web["first_page"]["summary"])
+    _stats(web["live_change"]["summary"])
+    assert web["first_page"]["cold"]["seconds"] > 0
+    assert web["first_page"]["rows"] == min(100, web["studies"])
+    assert web["live_change"]["changes"] == results["config"]["web_changes"]
+    assert web["live_change"]["off_page"]["ok"] is True  # counts changed, rows kept
     memory = s["memory"]
     assert len(memory["samples"]) >= 2 and memory["workers"]
     for worker in memory["workers"].values():

@@ -345,11 +345,13 @@
     const select = document.getElementById("chart-window");
     const colours = ["#4e9af1", "#e8a317", "#d64541", "#2ca58d", "#9b59b6", "#7f8c8d"];
 
-    function plot(holder, title, times, series, unit) {
+    function plot(holder, title, times, series, unit, range) {
       holder.replaceChildren();
       const width = Math.max(280, holder.clientWidth || 480);
       const opts = {
         title: title, width: width, height: 220,
+        // The whole period, however few samples there are.
+        scales: {x: {time: true, range: () => range}},
         series: [{}].concat(series.map((s, i) => ({label: s.label, stroke: colours[i % 6],
                                                    width: 2, spanGaps: false}))),
         axes: [{stroke: "currentColor"}, {stroke: "currentColor", label: unit}],
@@ -368,11 +370,15 @@
         ttn.push({label: model + " p50", values: v.p50});
         ttn.push({label: model + " p95", values: v.p95});
       }
-      plot(document.getElementById("chart-ttn"), "Time to notification", data.buckets, ttn, "s");
+      const range = [data.buckets[0],
+                     data.buckets[data.buckets.length - 1] + data.bucket_seconds];
+      plot(document.getElementById("chart-ttn"), "Time to notification", data.buckets, ttn, "s",
+           range);
       plot(document.getElementById("chart-studies"), "Studies by outcome", data.buckets,
-           Object.entries(data.studies).map(([k, v]) => ({label: k, values: v})), "studies");
+           Object.entries(data.studies).map(([k, v]) => ({label: k, values: v})), "studies",
+           range);
       plot(document.getElementById("chart-queue"), "Queue depth", data.queue_depth.times,
-           [{label: "waiting jobs", values: data.queue_depth.depth}], "jobs");
+           [{label: "waiting jobs", values: data.queue_depth.depth}], "jobs", range);
     }
 
     select.addEventListener("change", load);
