@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
+import uvicorn
 
 from triage import jobs
+from triage.api.app import create_app
 from triage.orthanc import OrthancClient
 from triage.servers import (
     ManagedProcess,
@@ -105,3 +108,20 @@ def clean_servers(servers: Servers) -> Servers:
 
 
 __all__ = ["ManagedProcess", "Servers", "free_port", "stack_env"]
+
+
+@pytest.fixture
+def live_api(clean_servers: Servers) -> Iterator[str]:
+    """The API served by uvicorn on a free port, in a thread of the test process."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(clean_servers.settings),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)

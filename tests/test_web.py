@@ -24,7 +24,7 @@ from tests.test_stack import UpProcess, send
 from triage.samples import SAMPLES, build_sample
 from triage.settings import PROJECT_ROOT, Settings
 from triage.tokens import Role, create_token
-from triage.workflow import claim
+from triage.workflow import claim, release
 from triage.worklist import Worklist
 
 pytestmark = pytest.mark.servers
@@ -211,12 +211,19 @@ def test_claim_feedback_and_read_are_stored(stack: Stack, browser: Browser) -> N
     with offline_context(browser) as (context, _):
         page = context.new_page()
         sign_in(page, stack.base, stack.tokens[Role.RADIOLOGIST], f"/studies/{uid}")
+        # Someone else claims it after the page was shown: the conflict is said on screen.
+        claim(stack.worklist, uid, "dr.other", minutes=5)
+        page.click("#claim")
+        expect(page.locator("#actions .error")).to_contain_text("claimed by dr.other")
+        expect(page.locator("#claim")).to_be_disabled()
+        release(stack.worklist, uid, "dr.other")
+        page.reload()
         page.click("#claim")
         expect(page.locator("#actions")).to_contain_text("Claimed by dr.radiologist")
         assert stack.study(uid)["claimed_by"] == "dr.radiologist"
 
-        page.check("input[name='agree-0'][value='yes']")
-        page.check("input[name='present-0'][value='yes']")
+        page.check("fieldset.verdict input[name^='agree-'][value='yes']")
+        page.check("fieldset.verdict input[name^='present-'][value='yes']")
         page.click("#save-feedback")
         expect(page.locator("#feedback")).to_contain_text("Feedback saved")
         [feedback] = stack.study(uid)["feedback"]
@@ -393,3 +400,16 @@ def test_readable_on_a_laptop_and_a_4k_monitor(stack: Stack, browser: Browser, w
             assert sizes["overflow"] <= 0, f"{path} scrolls sideways at {width}px"
             assert sizes["font"] >= min_font_px, f"{path} text too small at {width}px"
         shot(page, f"study-{width}x{height}")
+
+
+def test_a_lock_in_one_tab_locks_every_tab(stack: Stack, browser: Browser) -> None:
+    with offline_context(browser) as (context, _):
+        first = context.new_page()
+        sign_in(first, stack.base, stack.tokens[Role.RADIOLOGIST])
+        second = context.new_page()
+        second.goto(stack.base + "/")
+        expect(second.locator("#rows")).to_be_visible()
+        first.click("#lock-now")
+        expect(second.locator("#lock-screen")).to_be_visible()
+        assert second.locator("#rows").count() == 0  # its patient data is gone too
+        assert second.request.get(stack.base + "/api/v1/worklist").status == 401

@@ -4,8 +4,10 @@ expiry, the idle lock, roles on the pages, and no open redirect after signing in
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -13,7 +15,7 @@ from tests.conftest import Servers
 from tests.test_workflow import make_item
 from triage.api.app import create_app
 from triage.priority import PriorityClass
-from triage.tokens import Role, create_token
+from triage.tokens import Role, create_token, list_tokens, revoke_token
 from triage.web.sessions import COOKIE, _key
 from triage.worklist import Worklist, utcnow
 
@@ -131,13 +133,51 @@ def test_a_locked_session_opens_only_for_its_user(web: TestClient,
     assert web.get("/api/v1/worklist").status_code == 401
     page = web.get("/")
     assert page.status_code == 303 and "reason=locked" in page.headers["location"]
+    # A locked screen can still sign out.
+    assert web.post("/logout", data={"csrf_token": "wrong"}).status_code == 403
     _sign_in(web, clean_servers, owner="dr.a")
-    assert web.cookies[COOKIE] == session_id  # the same session, unlocked
-    assert web.get("/api/v1/worklist").status_code == 200
-    web.post("/session/lock", headers={"X-CSRF-Token": csrf})
-    _sign_in(web, clean_servers, owner="dr.b")  # someone else at the same computer
+    # Signing in again opens a new session (a new id: no fixation) and ends the old one.
     assert web.cookies[COOKIE] != session_id
     assert clean_servers.redis.get(_key(session_id)) is None
+    assert web.get("/api/v1/worklist").status_code == 200
+    csrf = _csrf(web)
+    web.post("/session/lock", headers={"X-CSRF-Token": csrf})
+    locked = web.cookies[COOKIE]
+    assert web.post("/logout", data={"csrf_token": csrf}).status_code == 303
+    assert clean_servers.redis.get(_key(locked)) is None
+
+
+def test_revoking_the_token_ends_its_sessions(web: TestClient, clean_servers: Servers) -> None:
+    token = create_token(clean_servers.redis, role=Role.RADIOLOGIST, owner="dr.a")
+    assert web.post("/login", data={"token": token}).status_code == 303
+    assert web.get("/api/v1/worklist").status_code == 200
+    [record] = [r for r in list_tokens(clean_servers.redis) if r.owner == "dr.a"]
+    revoke_token(clean_servers.redis, record.id)
+    assert web.get("/api/v1/worklist").status_code == 401
+    assert web.get("/").status_code == 303
+    # A session lasts no longer than its token.
+    short = create_token(clean_servers.redis, role=Role.RADIOLOGIST, owner="dr.b", days=1)
+    web.post("/login", data={"token": short})
+    stored = json.loads(clean_servers.redis.get(_key(web.cookies[COOKIE])))
+    assert stored["credential_expires_at"] is not None
+
+
+def test_the_live_stream_ends_with_its_session(live_api: str,
+                                               clean_servers: Servers) -> None:
+    token = create_token(clean_servers.redis, role=Role.RADIOLOGIST, owner="dr.a")
+    with httpx.Client(base_url=live_api, timeout=20) as client:
+        assert client.post("/login", data={"token": token}).status_code == 303
+        page = client.get("/")
+        csrf = page.text.split('data-csrf="', 1)[1].split('"', 1)[0]
+        with client.stream("GET", "/api/v1/worklist/events") as stream:
+            lines = stream.iter_lines()
+            assert next(lines) == ": connected"
+            locked = client.post("/session/lock", headers={"X-CSRF-Token": csrf})
+            assert locked.status_code == 204
+            started = time.monotonic()
+            rest = list(lines)  # the server ends the stream
+        assert "event: ended" in rest
+        assert time.monotonic() - started < 15
 
 
 def test_sign_out_ends_the_session_at_once(web: TestClient, clean_servers: Servers) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -14,10 +12,9 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
-from tests.conftest import Servers, free_port
+from tests.conftest import Servers
 from tests.senders import storescu
 from tests.test_api import auth, make_item
 from tests.test_pipeline import SAMPLE, our_srs, watch_until
@@ -165,23 +162,6 @@ def test_feedback_is_stored_and_returned(client: TestClient, clean_servers: Serv
                            "agree": True}]}
     refused = client.post("/api/v1/studies/1.2.3.1/feedback", json=wrong, headers=headers)
     assert refused.status_code == 422
-
-
-@pytest.fixture
-def live_api(clean_servers: Servers) -> Iterator[str]:
-    """The API served by uvicorn on a free port, in a thread of the test process."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(clean_servers.settings),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
 
 
 def test_live_events_reach_an_http_client(live_api: str, clean_servers: Servers) -> None:

@@ -23,7 +23,7 @@ from triage.web.sessions import (
     CSRF_FIELD,
     CSRF_HEADER,
     SAFE_METHODS,
-    Sessions,
+    Session,
     csrf_matches,
     same_origin,
 )
@@ -116,6 +116,41 @@ async def _authenticate(request: Request, token: str | None) -> TokenRecord:
     return record
 
 
+async def check_change(request: Request, session: Session) -> None:
+    """A request that changes something with the session's cookie must come from this site
+    and carry the session's CSRF token (header, or form field for plain forms)."""
+    if request.method in SAFE_METHODS:
+        return
+    settings: Settings = request.app.state.settings
+    if not same_origin(request.headers.get("origin"), request.headers.get("host"),
+                       settings.public_url):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "request from another site")
+    offered = request.headers.get(CSRF_HEADER)
+    if offered is None and request.headers.get("content-type", "").startswith(
+            ("application/x-www-form-urlencoded", "multipart/form-data")):
+        value = (await request.form()).get(CSRF_FIELD)
+        offered = value if isinstance(value, str) else None
+    if not csrf_matches(session, offered):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "missing or wrong CSRF token")
+
+
+async def valid_session(request: Request) -> tuple[str, Session] | None:
+    """The browser session the cookie names (locked or not), if it still holds: not
+    expired, and the token it was opened with neither revoked nor expired."""
+    session_id = request.cookies.get(COOKIE)
+    if not session_id:
+        return None
+    connection: aioredis.Redis = request.app.state.aredis()
+    session = await request.app.state.sessions.get(connection, session_id)
+    if session is None:
+        return None
+    if session.token_field and valid_record(
+            await connection.hget(TOKENS_KEY, session.token_field)) is None:
+        await request.app.state.sessions.end(connection, session_id)
+        return None
+    return session_id, session
+
+
 async def session_user(request: Request) -> TokenRecord | None:
     """The user of the browser session the request's cookie names, if it is valid.
 
@@ -123,33 +158,35 @@ async def session_user(request: Request) -> TokenRecord | None:
     site. A locked session answers 401 until the user signs in again. User actions (anything
     but background refreshes and the live stream) restart the session's idle time.
     """
-    sessions: Sessions = request.app.state.sessions
-    session_id = request.cookies.get(COOKIE)
-    if not session_id:
+    found = await valid_session(request)
+    if found is None:
         return None
-    connection: aioredis.Redis = request.app.state.aredis()
-    session = await sessions.get(connection, session_id)
-    if session is None:
-        return None
+    session_id, session = found
     if session.locked:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "session locked: sign in again")
-    if request.method not in SAFE_METHODS:
-        settings: Settings = request.app.state.settings
-        if not same_origin(request.headers.get("origin"), request.headers.get("host"),
-                           settings.public_url):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, "request from another site")
-        offered = request.headers.get(CSRF_HEADER)
-        if offered is None and request.headers.get("content-type", "").startswith(
-                ("application/x-www-form-urlencoded", "multipart/form-data")):
-            value = (await request.form()).get(CSRF_FIELD)
-            offered = value if isinstance(value, str) else None
-        if not csrf_matches(session, offered):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, "missing or wrong CSRF token")
+    await check_change(request, session)
     request.state.session = session
     if not request.headers.get(BACKGROUND_HEADER) and not request.url.path.endswith(
             "/events"):
-        await sessions.touch(connection, session_id, session)
+        await request.app.state.sessions.touch(request.app.state.aredis(), session_id,
+                                               session)
     return session.user()
+
+
+async def still_valid(request: Request) -> bool:
+    """Whether the credentials a long request (the live stream) was admitted with still
+    hold: the bearer token is not revoked or expired, the session not ended or locked."""
+    credentials = await _bearer(request)
+    if credentials is None:
+        found = await valid_session(request)
+        return found is not None and not found[1].locked
+    token = credentials.credentials
+    field = token_field(token)
+    if field is not None:
+        connection: aioredis.Redis = request.app.state.aredis()
+        return valid_record(await connection.hget(TOKENS_KEY, field)) is not None
+    oidc = request.app.state.oidc
+    return oidc is not None and await run_in_threadpool(oidc.validate, token) is not None
 
 
 async def current_user(

@@ -53,7 +53,7 @@ from triage.worklist import (
     utcnow,
 )
 
-from .render import page
+from .render import finding_key, page
 
 router = APIRouter(include_in_schema=False)
 log = logging.getLogger(__name__)
@@ -79,7 +79,9 @@ def sign_in_redirect(request: Request, exc: SignInNeeded) -> Response:
 
 async def page_user(request: Request, roles: tuple[Role, ...] = READERS) -> TokenRecord:
     """The user of the session, or a trip to the sign-in page."""
-    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    # After signing in the browser comes back with a GET: to the page, not to an action.
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "") if (
+        request.method == "GET" and not request.url.path.startswith("/ui/")) else "/"
     try:
         user = await session_user(request)
     except HTTPException as exc:
@@ -328,7 +330,10 @@ async def study_feedback(study_instance_uid: str, request: Request) -> Response:
     item = await run_in_threadpool(_item, request, study_instance_uid)
     verdicts: list[FindingVerdict] = []
     outcomes: dict[str, bool] = {}
-    for n, finding in enumerate(item.findings):
+    for finding in item.findings:
+        # Fields are named after the finding, not its place: a re-analysis between showing
+        # the form and saving it can reorder the findings.
+        n = finding_key(finding.model, finding.model_version, finding.code)
         agree = form.get(f"agree-{n}")
         if agree in ("yes", "no"):
             verdicts.append(FindingVerdict(model=finding.model,
@@ -346,8 +351,11 @@ async def study_feedback(study_instance_uid: str, request: Request) -> Response:
         await run_in_threadpool(add_feedback, Worklist(request.app.state.redis),
                                 request.app.state.redis, study_instance_uid, user.owner,
                                 feedback)
-    except (StudyNotFound, InvalidFeedback) as exc:
-        raise HTTPException(422, str(exc)) from exc
+    except StudyNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "study not on the worklist") from exc
+    except InvalidFeedback as exc:
+        return page(request, "feedback.html", status_code=422, message=str(exc),
+                    conflict=True, **_study_context(request, user, item))
     await run_in_threadpool(audit, request, user, AuditAction.FEEDBACK_RECORDED,
                             study_instance_uid=study_instance_uid,
                             details={**feedback.model_dump(mode="json"), "via": "page"})

@@ -8,11 +8,13 @@ served from ``/static/vendor/``: nothing is loaded from outside the hospital at 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import date, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import FileResponse, HTMLResponse, Response
@@ -101,8 +103,19 @@ def waited(since: datetime, now: datetime) -> str:
     return f"{seconds // 86400} d"
 
 
-TEMPLATES.filters.update(person_name=person_name, display_date=display_date)
-TEMPLATES.globals.update(patient_age=patient_age, waited=waited)
+def finding_key(model: str, model_version: str, code: str) -> str:
+    """A form field's name for one finding: stable when a re-analysis reorders findings."""
+    return hashlib.sha256(f"{model}|{model_version}|{code}".encode()).hexdigest()[:16]
+
+
+def path_part(value: str) -> str:
+    """One URL path segment: everything but unreserved characters percent-encoded."""
+    return quote(value, safe="")
+
+
+TEMPLATES.filters.update(person_name=person_name, display_date=display_date,
+                         path_part=path_part)
+TEMPLATES.globals.update(patient_age=patient_age, waited=waited, finding_key=finding_key)
 
 
 @router.get("/static/vendor/{name}")

@@ -7,7 +7,10 @@ work without a token in any URL.
 - A session ends after ``TRIAGE_SESSION_IDLE_MINUTES`` without a user action (background
   refreshes and the live stream do not count) and ``TRIAGE_SESSION_MAX_HOURS`` after signing
   in, whatever happens. Signing out deletes it at once.
-- A locked session (the page's idle lock) serves nothing until the same user signs in again.
+- A session opened with a token lasts no longer than the token: revoking the token or its
+  expiry ends the session at once (each request checks the token's record again).
+- A locked session (the page's idle lock) serves nothing until the same user signs in again,
+  which opens a new session.
 - Requests that change something (POST, DELETE) with the cookie must carry the session's
   CSRF token (``X-CSRF-Token`` header or ``csrf_token`` form field) and, when the browser
   names one, an Origin of this site.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 from datetime import datetime, timedelta
 
@@ -45,18 +49,40 @@ class Session(BaseModel):
     created_at: datetime
     last_active: datetime
     locked: bool = False
+    # Where the service token it was opened with is kept (its SHA-256, never the secret):
+    # checked again on every request, so that revoking the token ends the session.
+    token_field: str | None = None
+    # When the credential it was opened with expires (a token's expiry, a JWT's exp).
+    credential_expires_at: datetime | None = None
 
     def user(self) -> TokenRecord:
         return TokenRecord(id=self.token_id, owner=self.owner, role=self.role,
                            created_at=self.created_at)
 
     def expires_at(self, settings: Settings) -> datetime:
-        return min(self.last_active + timedelta(minutes=settings.session_idle_minutes),
-                   self.created_at + timedelta(hours=settings.session_max_hours))
+        ends = [self.last_active + timedelta(minutes=settings.session_idle_minutes),
+                self.created_at + timedelta(hours=settings.session_max_hours)]
+        if self.credential_expires_at is not None:
+            ends.append(self.credential_expires_at)
+        return min(ends)
 
 
 def _key(session_id: str) -> str:
     return f"{KEY_PREFIX}:session:{hashlib.sha256(session_id.encode()).hexdigest()}"
+
+
+# Changes one field of a stored session unless it is locked (or gone), keeping the key's
+# expiry in step: a lock, a sign-out and an activity stamp racing each other never bring a
+# session back or undo a lock. KEYS[1]: the session; ARGV: field, JSON value, seconds to live.
+_SET_FIELD = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local session = cjson.decode(raw)
+if session['locked'] then return 0 end
+session[ARGV[1]] = cjson.decode(ARGV[2])
+redis.call('SET', KEYS[1], cjson.encode(session), 'EX', tonumber(ARGV[3]))
+return 1
+"""
 
 
 class Sessions:
@@ -65,12 +91,16 @@ class Sessions:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    async def open(self, connection: aioredis.Redis, user: TokenRecord, via: str) -> str:
+    async def open(self, connection: aioredis.Redis, user: TokenRecord, via: str, *,
+                   token_field: str | None = None,
+                   credential_expires_at: datetime | None = None) -> str:
         """A new session for ``user``; returns the id the cookie carries."""
         session_id = secrets.token_urlsafe(32)
         now = utcnow()
         session = Session(owner=user.owner, role=user.role, token_id=user.id, via=via,
-                          csrf=secrets.token_urlsafe(24), created_at=now, last_active=now)
+                          csrf=secrets.token_urlsafe(24), created_at=now, last_active=now,
+                          token_field=token_field,
+                          credential_expires_at=credential_expires_at or user.expires_at)
         await self._store(connection, session_id, session)
         return session_id
 
@@ -92,16 +122,17 @@ class Sessions:
         now = utcnow()
         if (now - session.last_active).total_seconds() < 5:
             return  # a burst of requests from one action is one write
-        await self._store(connection, session_id,
-                          session.model_copy(update={"last_active": now}))
+        touched = session.model_copy(update={"last_active": now})
+        await self._set_field(connection, session_id, "last_active", now.isoformat(), touched)
 
     async def lock(self, connection: aioredis.Redis, session_id: str, session: Session) -> None:
-        await self._store(connection, session_id, session.model_copy(update={"locked": True}))
+        await self._set_field(connection, session_id, "locked", True, session)
 
-    async def unlock(self, connection: aioredis.Redis, session_id: str,
-                     session: Session) -> None:
-        await self._store(connection, session_id, session.model_copy(
-            update={"locked": False, "last_active": utcnow()}))
+    async def _set_field(self, connection: aioredis.Redis, session_id: str, name: str,
+                         value: object, after: Session) -> None:
+        seconds = max(1, int((after.expires_at(self.settings) - utcnow()).total_seconds()) + 1)
+        await connection.eval(_SET_FIELD, 1, _key(session_id), name,  # type: ignore[misc]
+                              json.dumps(value), str(seconds))
 
     async def end(self, connection: aioredis.Redis, session_id: str | None) -> None:
         if session_id:

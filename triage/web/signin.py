@@ -2,22 +2,24 @@
 
 A token pasted once (``triage token create``, or a JWT from the hospital's identity provider)
 opens a browser session; so does the OIDC sign-in (``triage.web.oidc_signin``). Both end in
-``start_session``. A locked session is unlocked only by the same user signing in again;
-anyone else signing in on that computer ends it and gets a session of their own.
+``start_session``, which always opens a new session (a new id in the cookie) and ends the
+one the browser had, locked or not.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 from urllib.parse import urlsplit
 
+import jwt
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Form, HTTPException, Request, Response, status
 from fastapi.responses import RedirectResponse
 
-from triage.api.deps import _authenticate, client_address, session_user
+from triage.api.deps import _authenticate, check_change, client_address, session_user
 from triage.audit import AuditAction
-from triage.tokens import TokenRecord
+from triage.tokens import TokenRecord, token_field
 from triage.web.render import page
 from triage.web.sessions import COOKIE, Sessions, same_origin
 
@@ -34,26 +36,35 @@ def safe_next(target: str | None) -> str:
     return target
 
 
-async def start_session(request: Request, user: TokenRecord, via: str,
-                        target: str) -> RedirectResponse:
-    """Open (or unlock) the browser session of ``user`` and send the browser to ``target``."""
+async def start_session(request: Request, user: TokenRecord, via: str, target: str, *,
+                        token: str | None = None) -> RedirectResponse:
+    """Open a new browser session for ``user`` (ending the browser's earlier one) and send
+    the browser to ``target``. ``token``: the token signed in with, whose revocation or
+    expiry ends the session."""
     sessions: Sessions = request.app.state.sessions
     connection: aioredis.Redis = request.app.state.aredis()
-    old_id = request.cookies.get(COOKIE)
-    old = await sessions.get(connection, old_id)
+    await sessions.end(connection, request.cookies.get(COOKIE))
+    session_id = await sessions.open(connection, user, via,
+                                     token_field=token_field(token) if token else None,
+                                     credential_expires_at=_jwt_expiry(token))
     response = RedirectResponse(safe_next(target), status_code=status.HTTP_303_SEE_OTHER)
-    if old is not None and old_id and old.owner == user.owner and old.role == user.role:
-        await sessions.unlock(connection, old_id, old)
-        session_id = old_id
-    else:
-        await sessions.end(connection, old_id)
-        session_id = await sessions.open(connection, user, via)
     response.set_cookie(COOKIE, session_id, httponly=True, samesite="lax", path="/",
                         secure=sessions.secure(request.url.scheme))
     await request.app.state.audit.record(
         actor=user.owner, role=user.role.value, source=client_address(request),
         action=AuditAction.SIGNED_IN, details={"via": via})
     return response
+
+
+def _jwt_expiry(token: str | None) -> datetime | None:
+    """When a JWT signed in with (already verified) expires; ``None`` for other tokens."""
+    if not token or token_field(token) is not None or token.count(".") != 2:
+        return None
+    try:
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    except jwt.PyJWTError:
+        return None
+    return datetime.fromtimestamp(int(exp), UTC) if isinstance(exp, int | float) else None
 
 
 @router.get("/login")
@@ -84,7 +95,7 @@ async def login(request: Request, token: Annotated[str, Form(max_length=4096)],
                  else "This token is not valid (unknown, expired or revoked).")
         return page(request, "login.html", status_code=exc.status_code, next=safe_next(next),
                     error=error, message=None, oidc=bool(settings.oidc_client_id))
-    return await start_session(request, user, "token", next)
+    return await start_session(request, user, "token", next, token=token.strip())
 
 
 def _signed_out(target: str) -> RedirectResponse:
@@ -95,11 +106,15 @@ def _signed_out(target: str) -> RedirectResponse:
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
-    user = await session_user(request)  # checks the CSRF token
-    await request.app.state.sessions.end(request.app.state.aredis(), request.cookies.get(COOKIE))
-    if user is not None:
+    """End the browser's session, locked or not (a locked screen can still sign out)."""
+    sessions: Sessions = request.app.state.sessions
+    session_id = request.cookies.get(COOKIE)
+    session = await sessions.get(request.app.state.aredis(), session_id)
+    if session is not None:
+        await check_change(request, session)
+        await sessions.end(request.app.state.aredis(), session_id)
         await request.app.state.audit.record(
-            actor=user.owner, role=user.role.value, source=client_address(request),
+            actor=session.owner, role=session.role.value, source=client_address(request),
             action=AuditAction.SIGNED_OUT, details={})
     return _signed_out("/login?reason=signed-out")
 

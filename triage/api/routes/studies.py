@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Request, status
 
@@ -29,9 +30,12 @@ class StudyDetail(WorklistItem):
 
 
 def _detail(item: WorklistItem, settings: Settings) -> StudyDetail:
+    # Values from the study are quoted: an accession number with & or # cannot change the
+    # link's meaning.
     url = settings.viewer_url_template.format(
-        orthanc_url=settings.orthanc_browser_url, orthanc_id=item.orthanc_id,
-        study_instance_uid=item.study_instance_uid, accession_number=item.accession_number)
+        orthanc_url=settings.orthanc_browser_url, orthanc_id=quote(item.orthanc_id, safe=""),
+        study_instance_uid=quote(item.study_instance_uid, safe=""),
+        accession_number=quote(item.accession_number, safe=""))
     return StudyDetail(**item.model_dump(), viewer_url=url)
 
 

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
-from triage.api.deps import PagesDep, ReaderDep, SettingsDep, audit_async
+from triage.api.deps import PagesDep, ReaderDep, SettingsDep, audit_async, still_valid
 from triage.audit import AuditAction
 from triage.priority import PriorityClass
 from triage.worklist import (
@@ -28,6 +28,8 @@ from triage.worklist import (
 router = APIRouter(prefix="/api/v1", tags=["worklist"])
 # A comment line this often keeps proxies from closing a quiet event stream.
 KEEPALIVE_SECONDS = 15.0
+# How often a stream checks that its session or token still holds.
+RECHECK_SECONDS = 5.0
 
 
 @router.get("/worklist", response_model=WorklistPage)
@@ -85,12 +87,22 @@ async def events(_user: ReaderDep, settings: SettingsDep, request: Request,
                 position = await _newest(connection)
                 yield "event: reset\ndata: {}\n\n"
             yield ": connected\n\n"
+            quiet = 0.0
             while not await request.is_disconnected():
+                # The stream ends when what admitted it ends: a revoked or expired token, a
+                # signed-out or locked session.
+                if not await still_valid(request):
+                    yield "event: ended\ndata: {}\n\n"
+                    return
                 answer: Any = await connection.xread({EVENTS_STREAM: position}, count=200,
-                                                block=int(KEEPALIVE_SECONDS * 1000))
+                                                     block=int(RECHECK_SECONDS * 1000))
                 if not answer:
-                    yield ": keepalive\n\n"
+                    quiet += RECHECK_SECONDS
+                    if quiet >= KEEPALIVE_SECONDS:
+                        quiet = 0.0
+                        yield ": keepalive\n\n"
                     continue
+                quiet = 0.0
                 for entry_id, fields in answer[0][1]:
                     position = entry_id.decode()
                     data = {k.decode(): v.decode() for k, v in fields.items()}

@@ -51,11 +51,14 @@
   let lastInput = Date.now();
   let locked = false;
 
-  function lock() {
+  function lock(here = true) {
     if (locked) return;
     locked = true;
     if (events) events.close();
-    post("/session/lock").catch(() => {});
+    if (here) {
+      post("/session/lock").catch(() => {});
+      if (tabs) tabs.postMessage("lock");
+    }
     // Patient data leaves the page, not only the screen.
     const main = document.getElementById("main");
     if (main) main.replaceChildren();
@@ -70,15 +73,29 @@
     document.title = "Locked · Triage";
   }
 
+  // The session is shared by the browser's tabs: so are activity and the lock (a message
+  // carries a time or "lock", nothing else).
+  const tabs = "BroadcastChannel" in window ? new BroadcastChannel("triage-activity") : null;
+  let lastShared = 0;
+  if (tabs) {
+    tabs.onmessage = (e) => {
+      if (e.data === "lock") lock(false);
+      else if (typeof e.data === "number") lastInput = Math.max(lastInput, e.data);
+    };
+  }
+
   if (lockMinutes > 0) {
     for (const kind of ["keydown", "mousedown", "mousemove", "wheel", "touchstart"]) {
-      document.addEventListener(kind, () => { lastInput = Date.now(); }, {passive: true});
+      document.addEventListener(kind, () => {
+        lastInput = Date.now();
+        if (tabs && lastInput - lastShared > 5000) { lastShared = lastInput; tabs.postMessage(lastInput); }
+      }, {passive: true});
     }
     setInterval(() => {
       if (Date.now() - lastInput > lockMinutes * 60000) lock();
     }, 5000);
     const lockNow = document.getElementById("lock-now");
-    if (lockNow) lockNow.addEventListener("click", lock);
+    if (lockNow) lockNow.addEventListener("click", () => lock());
   }
 
   // A page restored from the back-forward cache shows the server's current state again.
@@ -104,27 +121,47 @@
   // -- live events ------------------------------------------------------------------------
   function connect(onChange, onReset) {
     let broken = false;
-    events = new EventSource("/api/v1/worklist/events");
-    events.addEventListener("open", () => {
-      announce("Live: changes appear as they happen.");
-      // After a dropped connection the server replays what was missed (Last-Event-ID);
-      // fetching again as well covers anything older than what it keeps.
-      if (broken) onReset();
-      broken = false;
-    });
-    events.addEventListener("error", () => {
-      broken = true;
-      announce("Connection lost: reconnecting…");
-      // A session that ended or was locked elsewhere: the stream is refused.
-      fetch("/ui/session", {credentials: "same-origin",
-                            headers: {"X-Triage-Background": "1"}})
-        .then((r) => { if (r.status === 401) { events.close(); signIn("expired"); } })
-        .catch(() => {});
-    });
-    events.addEventListener("reset", onReset);
-    for (const kind of EVENTS) {
-      events.addEventListener(kind, (e) => onChange(JSON.parse(e.data)));
+    let retry = 1000;
+    function checkSession() {
+      return fetch("/ui/session", {credentials: "same-origin",
+                                   headers: {"X-Triage-Background": "1"}})
+        .then((r) => {
+          if (r.status === 401) { if (events) events.close(); signIn("expired"); return false; }
+          return r.ok;
+        })
+        .catch(() => false);
     }
+    function open() {
+      if (locked) return;
+      events = new EventSource("/api/v1/worklist/events");
+      events.addEventListener("open", () => {
+        announce("Live: changes appear as they happen.");
+        retry = 1000;
+        // After a dropped connection the server replays what was missed (Last-Event-ID);
+        // fetching again as well covers anything older than what it keeps.
+        if (broken) onReset();
+        broken = false;
+      });
+      events.addEventListener("error", () => {
+        broken = true;
+        announce("Connection lost: reconnecting…");
+        // The browser retries by itself, except after an HTTP error (a proxy's 502 while
+        // the API restarts): then this page opens a new stream, a little later each time.
+        if (events.readyState === EventSource.CLOSED) {
+          const wait = retry;
+          retry = Math.min(retry * 2, 30000);
+          setTimeout(() => checkSession().then(() => { if (!locked) open(); }), wait);
+        } else {
+          checkSession();
+        }
+      });
+      events.addEventListener("ended", () => { events.close(); checkSession(); });
+      events.addEventListener("reset", onReset);
+      for (const kind of EVENTS) {
+        events.addEventListener(kind, (e) => onChange(JSON.parse(e.data)));
+      }
+    }
+    open();
   }
 
   // -- the worklist -----------------------------------------------------------------------
@@ -166,6 +203,7 @@
     }
 
     async function refresh() {
+      if (locked) return;
       if (running) { again = true; return; }
       running = true;
       try {
@@ -174,7 +212,7 @@
         if (response.status === 401) { signIn("expired"); return; }
         if (!response.ok) return;
         const doc = new DOMParser().parseFromString(await response.text(), "text/html");
-        apply(doc);
+        if (!locked) apply(doc);
       } finally {
         running = false;
         if (again) { again = false; refresh(); }
@@ -325,16 +363,18 @@
     notice.setAttribute("role", "status");
     notice.hidden = true;
     study.prepend(notice);
-    connect((data) => {
-      if (data.study_instance_uid !== uid) return;
+    function changed(text) {
       notice.hidden = false;
-      notice.replaceChildren("This study changed (" + data.status + ", " + data.priority +
-                             "). ");
+      notice.replaceChildren(text + " ");
       const reload = document.createElement("a");
       reload.href = location.pathname;
       reload.textContent = "Show the latest";
       notice.append(reload);
-    }, () => {});
+    }
+    connect((data) => {
+      if (data.study_instance_uid !== uid) return;
+      changed("This study changed (" + data.status + ", " + data.priority + ").");
+    }, () => changed("The live connection was interrupted; this study may have changed."));
   }
 
   // -- admin charts -----------------------------------------------------------------------
