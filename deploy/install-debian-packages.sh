@@ -21,6 +21,13 @@ if ! command -v npm >/dev/null 2>&1; then
   packages+=(nodejs npm)
 fi
 
+# kubectl renders the Kubernetes manifests in the tests (`kubectl kustomize`). Debian 12's
+# kubernetes-client (1.20) is the oldest kustomize the manifests are written for; a machine that
+# has a kubectl already (another package owning /usr/bin/kubectl) keeps its own.
+if ! command -v kubectl >/dev/null 2>&1; then
+  packages+=(kubernetes-client)
+fi
+
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
