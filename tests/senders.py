@@ -57,3 +57,23 @@ def pynetdicom_send(settings: Settings, datasets: Sequence[pydicom.Dataset]) -> 
         return [int(assoc.send_c_store(ds).Status) for ds in datasets]
     finally:
         assoc.release()
+
+
+def storescu_as(settings: Settings, files: Sequence[Path], aet: str, *,
+                tls: tuple[Path | None, Path | None, Path] | None = None,
+                host: str = "127.0.0.1") -> subprocess.CompletedProcess[str]:
+    """storescu from calling AE title ``aet``, over DICOM TLS when ``tls`` is given.
+
+    ``tls`` is (client private key, client certificate, CA that signed Orthanc's certificate),
+    PEM files; the client verifies Orthanc's certificate and presents its own (none when the
+    key and certificate are None: anonymous TLS). Returns the finished process: a refusal is
+    a non-zero return code, not an exception.
+    """
+    argv = ["storescu", "-aet", aet, "-aec", settings.orthanc_aet]
+    if tls is not None:
+        key, cert, ca = tls
+        argv += ["+tls", str(key), str(cert), "-pw"] if key and cert else ["+tla"]
+        argv += ["+cf", str(ca)]
+    argv += [host, str(settings.orthanc_dicom_port), *map(str, files)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "TCP_NODELAY": "1"})

@@ -187,6 +187,11 @@ def test_destination_echo_command(pacs, clean_servers: Servers) -> None:
     up = echo()
     assert up.returncode == 0, up.stderr
     assert "answered C-ECHO" in up.stdout
+    # The PACS is a destination only: its AE title may not store, query or retrieve here.
+    declared = clean_servers.orthanc._api.get_modalities(params={"expand": ""}).json()["pacs"]
+    assert declared["AllowEcho"] is True
+    for right in ("AllowStore", "AllowFind", "AllowFindWorklist", "AllowGet", "AllowMove"):
+        assert declared[right] is False, right
 
 
 def test_failed_deliveries_are_listed_and_retried_by_an_admin(

@@ -209,9 +209,13 @@ class OrthancClient:
     # -- DICOM destinations -------------------------------------------------------------
 
     def register_modality(self, name: str, aet: str, host: str, port: int) -> None:
-        """Declare (or update) a DICOM node Orthanc may send to."""
+        """Declare (or update) a DICOM node Orthanc may send to. The node may only be sent
+        to: Orthanc would otherwise let its AE title store, query and retrieve as well."""
         self._call(f"PUT /modalities/{name}", self._api.put_modalities_id, name,
-                   json={"AET": aet, "Host": host, "Port": port})
+                   json={"AET": aet, "Host": host, "Port": port, "AllowEcho": True,
+                         "AllowStore": False, "AllowFind": False, "AllowFindWorklist": False,
+                         "AllowGet": False, "AllowMove": False, "AllowStorageCommitment": False,
+                         "AllowTranscoding": True})
 
     def echo(self, name: str, timeout: int = 10) -> None:
         """C-ECHO the node; raises TransientError when it does not answer."""

@@ -95,6 +95,63 @@ class ManagedProcess:
         return self.popen.returncode
 
 
+# Orthanc needs a host and port for every modality; senders only call in, so these are never
+# dialled (".invalid" cannot resolve: a mistaken C-ECHO/C-STORE to a sender goes nowhere).
+_SENDER_NO_HOST = "sender.invalid"
+_SENDER_PORT = 104
+
+
+def dicom_security_values(settings: Settings) -> dict[str, str]:
+    """Template values of the DICOM allow-list and of DICOM TLS.
+
+    Without ``TRIAGE_DICOM_SENDERS`` any calling AE title may store (development); with it,
+    Orthanc refuses the association of any other AE title (C-ECHO included), and each listed
+    sender may store and echo, never query or retrieve.
+    """
+    senders = settings.dicom_senders
+    if not senders and not settings.development:
+        raise ValueError("TRIAGE_DICOM_SENDERS must list the modalities/PACS that may store "
+                         "outside development")
+    with_host = [sender.name for sender in senders if sender.host]
+    if with_host and len(with_host) != len(senders):
+        missing = ", ".join(sender.name for sender in senders if not sender.host)
+        raise ValueError("TRIAGE_DICOM_SENDERS: when one sender gives its host, Orthanc checks "
+                         f"the address of all of them; give a host for {missing}")
+    names = [sender.name for sender in senders]
+    if len(set(names)) != len(names):
+        raise ValueError("TRIAGE_DICOM_SENDERS: sender names must be unique")
+    modalities = {
+        f"sender-{sender.name}": {
+            "AET": sender.aet, "Host": sender.host or _SENDER_NO_HOST, "Port": _SENDER_PORT,
+            "AllowEcho": True, "AllowStore": True,
+            "AllowFind": False, "AllowFindWorklist": False, "AllowGet": False,
+            "AllowMove": False, "AllowStorageCommitment": False,
+        }
+        for sender in senders
+    }
+    tls_files = (settings.dicom_tls_cert, settings.dicom_tls_key, settings.dicom_tls_trusted)
+    tls = all(tls_files)
+    if any(tls_files) and not tls:
+        raise ValueError("DICOM TLS needs TRIAGE_DICOM_TLS_CERT, TRIAGE_DICOM_TLS_KEY and "
+                         "TRIAGE_DICOM_TLS_TRUSTED together")
+    paths = [path.expanduser().resolve() if path else None for path in tls_files]
+    for path in paths:
+        if path is not None and not path.is_file():
+            raise ValueError(f"DICOM TLS file not found: {path}")
+    cert, key, trusted = (str(path) if path else "" for path in paths)
+    open_store = json.dumps(not senders)
+    return {
+        "DICOM_ALWAYS_ALLOW_ECHO": open_store,
+        "DICOM_ALWAYS_ALLOW_STORE": open_store,
+        "DICOM_CHECK_HOST": json.dumps(bool(with_host)),
+        "DICOM_MODALITIES": json.dumps(modalities, indent=4),
+        "DICOM_TLS_ENABLED": json.dumps(tls),
+        "DICOM_TLS_CERTIFICATE": json.dumps(cert),
+        "DICOM_TLS_PRIVATE_KEY": json.dumps(key),
+        "DICOM_TLS_TRUSTED": json.dumps(trusted),
+    }
+
+
 def render_orthanc_config(settings: Settings) -> Path:
     """Write ``<data dir>/orthanc/orthanc.json`` from the template in ``orthanc/``."""
     root = settings.data_dir / "orthanc"
@@ -110,6 +167,7 @@ def render_orthanc_config(settings: Settings) -> Path:
         "USERNAME": json.dumps(settings.orthanc_username),
         "PASSWORD": json.dumps(settings.orthanc_secret),
         "STABLE_AGE": str(settings.stable_age),
+        **dicom_security_values(settings),
     }
     text = Template(ORTHANC_TEMPLATE.read_text()).substitute(values)
     path = root / "orthanc.json"

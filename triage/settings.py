@@ -8,6 +8,7 @@ data directory (``secrets.json``, mode 0600) by the local stack and read back fr
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -40,6 +41,34 @@ class Destination(BaseModel):
     key_images: bool = Field(default=False, description="also send a burned-in key image")
 
 
+class DicomSender(BaseModel):
+    """A modality or PACS allowed to C-STORE into Orthanc (``TRIAGE_DICOM_SENDERS``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    aet: str = Field(pattern=r"^[ -~]{1,16}$", description="its calling AE title")
+    host: str | None = Field(
+        default=None, description="its IP address: when any sender gives one, Orthanc also "
+        "checks the address of every sender (then all must give one)")
+
+    @field_validator("aet")
+    @classmethod
+    def _aet(cls, value: str) -> str:
+        if value != value.strip() or "\\" in value:
+            raise ValueError(f"AE title {value!r}: no backslash, no leading/trailing spaces")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _ip_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(f"sender host {value!r}: an IP address, not a name (Orthanc "
+                                 "compares it with the caller's address)") from None
+        return value
+
+
 class Webhook(BaseModel):
     """An HTTP endpoint (paging, RIS, messaging) notified of results."""
 
@@ -66,6 +95,17 @@ class Settings(BaseSettings):
     orthanc_http_port: int = 8042
     orthanc_dicom_port: int = 4242
     orthanc_aet: str = "TRIAGE"
+    dicom_senders: list[DicomSender] = Field(
+        default_factory=list, description="JSON list of the modalities/PACS allowed to store "
+        "(see README, Security); unset: any AE title may store (development only)")
+    dicom_tls_cert: Path | None = Field(
+        default=None, description="Orthanc's DICOM TLS certificate (PEM); with the key and "
+        "the trusted bundle, Orthanc's DICOM port accepts only mutually authenticated TLS")
+    dicom_tls_key: Path | None = Field(
+        default=None, description="Private key of TRIAGE_DICOM_TLS_CERT (PEM, unencrypted)")
+    dicom_tls_trusted: Path | None = Field(
+        default=None, description="Certificates (PEM bundle) of the senders, or of the CA "
+        "that signs them")
     orthanc_username: str = "triage"
     orthanc_password: str | None = None
     orthanc_public_url: str | None = Field(
@@ -90,6 +130,9 @@ class Settings(BaseSettings):
 
     stable_age: int = Field(default=DEFAULT_STABLE_AGE, ge=1)
     watcher_poll_seconds: float = Field(default=0.2, gt=0)
+    watcher_lease_seconds: float = Field(
+        default=10.0, gt=0, description="How long the leading watcher's lease lasts unrenewed: "
+        "a standby watcher takes over within this time after the leader dies")
     job_timeout: int = Field(default=600, ge=10)
     job_retries: int = Field(default=3, ge=0)
     fetch_threads: int = Field(default=4, ge=1)
