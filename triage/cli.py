@@ -113,10 +113,14 @@ def send_with_storescu(settings: Settings, files: list[Path]) -> None:
 
 
 @main.command()
-def watcher() -> None:
-    """Follow Orthanc's change log and queue stable studies."""
+@click.option("--name", default="watcher", show_default=True,
+              help="Name of this watcher in the lease and the logs (no ':').")
+def watcher(name: str) -> None:
+    """Follow Orthanc's change log and queue stable studies, while holding the lease (a
+    second watcher stands by and takes over when this one dies)."""
     import redis as redis_lib
 
+    from triage.lease import Lease, holder_id
     from triage.orthanc import OrthancClient
     from triage.watcher import Watcher
 
@@ -124,8 +128,9 @@ def watcher() -> None:
     settings = Settings()
     stop = threading.Event()
     _stop_on_signals(stop)
-    Watcher(settings, OrthancClient.from_settings(settings),
-            redis_lib.Redis.from_url(settings.redis_connection_url)).run(stop)
+    connection = redis_lib.Redis.from_url(settings.redis_connection_url)
+    lease = Lease(connection, seconds=settings.watcher_lease_seconds, holder=holder_id(name))
+    Watcher(settings, OrthancClient.from_settings(settings), connection, lease).run(stop)
 
 
 @main.command()

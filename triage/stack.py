@@ -1,8 +1,9 @@
 """``triage up``: the whole local stack as child processes of one supervisor.
 
 Orthanc and Redis come from Debian's packages; the watcher, the workers and the API are
-``triage`` subcommands. SIGINT/SIGTERM stop every child (application processes first, servers
-last). A child that dies unexpectedly is restarted.
+``triage`` subcommands; two watchers run, one leading through its lease. SIGINT/SIGTERM stop
+every child (application processes first, servers last). A child that dies unexpectedly is
+restarted.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ MAX_RESTART_DELAY = 60.0
 # A worker asked to stop finishes the study it is analysing; past this it is killed and RQ
 # runs the study again later.
 WORKER_STOP_TIMEOUT = 120.0
+WATCHERS = 2
 
 
 def _triage(*args: str) -> list[str]:
@@ -63,7 +65,11 @@ class Stack:
             self.servers.append(redis_server)
             wait_for_redis(settings, redis_server)
         logs = settings.log_dir
-        self.apps.append(ManagedProcess("watcher", _triage("watcher"), logs / "watcher.log"))
+        # Two watchers: one leads, the other takes over within the lease time if it dies.
+        for n in range(1, WATCHERS + 1):
+            self.apps.append(ManagedProcess(f"watcher-{n}",
+                                            _triage("watcher", "--name", f"watcher-{n}"),
+                                            logs / f"watcher-{n}.log"))
         for n in range(1, self.n_workers + 1):
             self.apps.append(ManagedProcess(f"worker-{n}", _triage("worker"),
                                             logs / f"worker-{n}.log"))

@@ -8,6 +8,10 @@ queues any study the watcher did not see arrive.
 The cursor (last change handled) lives in Redis, so a restart of the watcher, Orthanc or Redis
 neither misses nor duplicates a study; a lost cursor only means re-reading the change log, and
 the deterministic job id turns the re-read into no-ops.
+
+Two watchers may run: the one holding the lease (``triage.lease``) leads, the other stands by
+and takes over when the lease runs out. Every write of the leader is fenced by its lease, so a
+leader that was paused past its lease and wakes up writes nothing and steps down.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 import redis
+from redis.client import Pipeline
 
 from triage import metrics
 from triage.arrivals import ArrivalClock
 from triage.errors import TransientError
 from triage.ingest import StudySnapshot, snapshot_study
+from triage.lease import Lease, LeaseKeeper, LeaseLost
 from triage.logs import pseudonym
 from triage.orthanc import Change, OrthancClient, StudyGone, orthanc_time
 from triage.priority import ClinicalPriority, PriorityClass, clinical_priority, highest
@@ -71,8 +77,8 @@ def _logged_on_error(work: Callable[[], object], what: str) -> bool:
     swallowed. Returns whether it succeeded."""
     try:
         work()
-    except (TransientError, redis.ConnectionError, redis.TimeoutError):
-        raise  # Orthanc or Redis is down: the page is read again later
+    except (TransientError, redis.ConnectionError, redis.TimeoutError, LeaseLost):
+        raise  # Orthanc or Redis is down (the page is read again later), or not leading
     except Exception:
         log.exception(what)
         return False
@@ -80,12 +86,19 @@ def _logged_on_error(work: Callable[[], object], what: str) -> bool:
 
 
 class Watcher:
+    """Follows the change log. With a ``lease``, every write is fenced by it and ``run``
+    leads only while it holds the lease; without one (a single watcher, tests) nothing is
+    fenced."""
+
     def __init__(self, settings: Settings, orthanc: OrthancClient,
-                 connection: redis.Redis) -> None:
+                 connection: redis.Redis, lease: Lease | None = None) -> None:
         self.settings = settings
         self.orthanc = orthanc
         self.redis = connection
-        self.worklist = Worklist(connection)
+        self.lease = lease
+        # Writes through ``writer`` in transactions (the worklist's) are fenced by the lease.
+        self.writer = lease.fenced_connection() if lease is not None else connection
+        self.worklist = Worklist(self.writer)
         self.arrivals = ArrivalClock(settings.stable_age)
         self._study_uids: OrderedDict[str, str] = OrderedDict()
 
@@ -93,6 +106,31 @@ class Watcher:
     def cursor(self) -> int:
         raw = self.redis.get(CURSOR_KEY)
         return int(raw) if raw else 0
+
+    def _store_cursor(self, value: int, *, allow_lower: bool = False) -> None:
+        """Persist the cursor; with a lease, fenced and never lower than the one stored
+        (unless ``allow_lower``: Orthanc's change log itself restarted)."""
+        if self.lease is None:
+            self.redis.set(CURSOR_KEY, value)
+        else:
+            self.lease.set_max(CURSOR_KEY, value, allow_lower=allow_lower)
+
+    def _write(self, commands: Callable[[Pipeline], object]) -> None:
+        """Run the write commands ``commands`` queues, fenced by the lease if there is one."""
+        if self.lease is None:
+            with self.redis.pipeline() as pipe:
+                commands(pipe)
+                pipe.execute()
+        else:
+            self.lease.write(commands)
+
+    def _forget_unstable(self, study_id: str) -> None:
+        self._write(lambda pipe: pipe.hdel(UNSTABLE_KEY, study_id))
+
+    def _check_lease(self) -> None:
+        """Just before a write that cannot join a fenced transaction (RQ's own calls)."""
+        if self.lease is not None:
+            self.lease.check()
 
     def poll_once(self, now: float | None = None) -> int:
         """Handle every change Orthanc has logged since the cursor, then queue the studies
@@ -109,19 +147,20 @@ class Watcher:
                 log.warning("Orthanc's change log restarted below cursor %d: reading it again",
                             cursor)
                 cursor = 0
+                self._store_cursor(0, allow_lower=True)
                 continue
             seen = time.monotonic() if now is None else now
             self._note_arrivals(page.changes, seen)
             for change in page.changes:
                 if change.change_type == STABLE_STUDY:
-                    self.redis.hdel(UNSTABLE_KEY, change.resource_id)
+                    self._forget_unstable(change.resource_id)
                     if not self.arrivals.already_queued(change.resource_id):
                         # The snapshot read holds every instance seen so far.
                         queued += self._queue_timed(change.resource_id, seen) or 0
                     # A crash after this costs at most re-reading the rest of the page.
-                    self.redis.set(CURSOR_KEY, change.seq)
+                    self._store_cursor(change.seq)
             cursor = page.last if page.changes else cursor
-            self.redis.set(CURSOR_KEY, cursor)
+            self._store_cursor(cursor)
             if page.done or not page.changes:
                 break
         return queued + self.queue_complete(time.monotonic() if now is None else now)
@@ -132,7 +171,7 @@ class Watcher:
         for study_id in self.arrivals.due(now):
             handled = self._queue_timed(study_id, now)
             if handled is not None:
-                self.redis.hdel(UNSTABLE_KEY, study_id)
+                self._forget_unstable(study_id)
                 queued += handled
         return queued
 
@@ -202,7 +241,7 @@ class Watcher:
             for study in self.orthanc.bulk_content(series, level="Study"):
                 studies.setdefault(study["ID"], last)
         if studies:
-            self.redis.hset(UNSTABLE_KEY, mapping=cast(dict[Any, Any], studies))
+            self._write(lambda p: p.hset(UNSTABLE_KEY, mapping=cast(dict[Any, Any], studies)))
 
     def sweep_unstable(self, now: datetime) -> int:
         """Queue studies Orthanc stopped tracking (it restarted before they were stable).
@@ -216,7 +255,7 @@ class Watcher:
             try:
                 study = self.orthanc.study(study_id)
             except StudyGone:
-                self.redis.hdel(UNSTABLE_KEY, study_id)
+                self._forget_unstable(study_id)
                 continue
             # Orthanc calls a study it no longer tracks "stable" without ever announcing it;
             # one quiet for this long would have been announced and seen by now.
@@ -224,7 +263,7 @@ class Watcher:
             if updated is None or now - updated < limit:
                 continue
             log.warning("study %s was never reported stable; queueing it", study_id)
-            self.redis.hdel(UNSTABLE_KEY, study_id)
+            self._forget_unstable(study_id)
             queued += self._handle(Change(seq=0, change_type=STABLE_STUDY,
                                           resource_id=study_id, resource_type="Study")) or 0
         return queued
@@ -233,7 +272,9 @@ class Watcher:
         """The watcher's periodic chores besides following the change log."""
         self.worklist.promote_overdue(
             now=now, max_wait=timedelta(minutes=self.settings.max_wait_minutes))
-        recover_abandoned(self.redis)
+        # Its worklist updates are fenced (``writer``), its RQ requeues checked just before.
+        self._check_lease()
+        recover_abandoned(self.writer)
         self.sweep_unstable(now)
 
     def _handle(self, change: Change) -> int | None:
@@ -242,7 +283,7 @@ class Watcher:
         the others)."""
         try:
             return int(self.handle_stable_study(change))
-        except (TransientError, redis.ConnectionError, redis.TimeoutError):
+        except (TransientError, redis.ConnectionError, redis.TimeoutError, LeaseLost):
             raise  # Orthanc or Redis is down: stop here and read this change again later
         except Exception:
             log.exception("stable study %s could not be queued; moving on",
@@ -286,6 +327,9 @@ class Watcher:
             return False
         if timed:
             self._note_queued(snapshot, job_id)
+        # The worklist upsert above was fenced in its transaction; RQ's enqueue cannot join
+        # it, so the lease is checked again just before (the residual window, README.md).
+        self._check_lease()
         enqueue_analysis(self.redis, self.settings, queue=queue, job_id=job_id,
                          orthanc_id=snapshot.orthanc_id,
                          study_instance_uid=snapshot.study_instance_uid,
@@ -300,8 +344,10 @@ class Watcher:
         worker always finds it; a metric never holds up a study, so errors are only logged."""
         try:
             study = self.orthanc.study(snapshot.orthanc_id)
-            metrics.note_queued(self.redis, job_id,
-                                received=orthanc_time(study.get("LastUpdate", "")))
+            received = orthanc_time(study.get("LastUpdate", ""))
+            self._write(lambda p: metrics.note_queued(p, job_id, received=received))
+        except LeaseLost:
+            raise
         except Exception as exc:
             log.warning("study %s: arrival not noted for the metrics (%s)",
                         pseudonym(snapshot.study_instance_uid), type(exc).__name__)
@@ -342,18 +388,47 @@ class Watcher:
         return existing.model_copy(update=fields)
 
     def run(self, stop: threading.Event) -> None:
-        """Poll until ``stop`` is set; Orthanc or Redis outages are waited out."""
+        """Poll until ``stop`` is set; Orthanc or Redis outages are waited out. With a
+        lease, poll only while leading, and otherwise stand by."""
         log.info("watcher following %s", self.orthanc.base_url)
+        if self.lease is None:
+            self._lead(stop, lambda: True)
+            return
+        log.info("standby (watcher %s) until it holds the lease", self.lease.holder)
+        keeper = LeaseKeeper(self.lease)
+        keeper.start()
+        try:
+            while not stop.is_set():
+                if not self.lease.held:
+                    stop.wait(min(self.settings.watcher_poll_seconds, self.lease.seconds / 3))
+                    continue
+                log.info("leading (watcher %s, fencing token %s)", self.lease.holder,
+                         self.lease.token)
+                self._lead(stop, lambda: self.lease is not None and self.lease.held)
+                if not stop.is_set():
+                    log.info("standby (watcher %s): the lease is lost", self.lease.holder)
+                    # What this watcher timed may be stale by the time it leads again.
+                    self.arrivals = ArrivalClock(self.settings.stable_age)
+        finally:
+            keeper.stop()
+
+    def _lead(self, stop: threading.Event, leading: Callable[[], bool]) -> None:
+        """Follow the change log and do the chores while ``leading()``."""
         last_maintenance = 0.0
-        while not stop.is_set():
+        while not stop.is_set() and leading():
             try:
                 self.poll_once()
                 if time.monotonic() - last_maintenance >= MAINTENANCE_SECONDS:
                     self.maintain(utcnow())
                     # At most once a minute, whichever watcher takes the minute.
-                    _logged_on_error(lambda: metrics.sample_queue_depth_if_due(self.redis),
-                                     "queue depth not sampled")
+                    def sample() -> None:
+                        self._check_lease()
+                        metrics.sample_queue_depth_if_due(self.redis)
+
+                    _logged_on_error(sample, "queue depth not sampled")
                     last_maintenance = time.monotonic()
+            except LeaseLost:
+                return
             except (TransientError, redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("watcher waiting: %s", exc)
                 stop.wait(min(5.0, self.settings.watcher_poll_seconds * 5))
