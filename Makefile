@@ -4,25 +4,54 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# The Python packages: requirements/dev.lock (exact versions with their SHA-256 hashes, written
+# by `make lock` from pyproject.toml), then the project itself without dependencies.
+DEV_LOCK := requirements/dev.lock
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(DEV_LOCK) 2>/dev/null | cksum | cut -d' ' -f1)
 # Front-end packages (package-lock.json), served by the service itself: htmx and uPlot for
 # the pages, Swagger UI for /docs; axe-core for the accessibility tests.
 NODE_STAMP := node_modules/.installed-$(shell cat package-lock.json | cksum | cut -d' ' -f1)
 
-.PHONY: all deps demo test lint bench screenshots clean
+.PHONY: all deps demo test lint bench screenshots clean lock
 
 all: test
 
 deps: $(STAMP) $(NODE_STAMP)
 	@./deploy/install-debian-packages.sh
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(DEV_LOCK)
 	@./deploy/install-debian-packages.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,build,bench]'
+	$(BIN)/python -m pip install -q --require-hashes -r $(DEV_LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+
+# The lock files of requirements/, from pyproject.toml, for CPython 3.11 on Linux x86_64:
+#   runtime.lock  [project] dependencies: what deploy/Dockerfile installs
+#   dev.lock      runtime + the test, build and bench extras: what the virtualenv gets
+#   gpu.lock      runtime with onnxruntime-gpu instead of onnxruntime (GPU worker images)
+# Run it after changing the dependencies in pyproject.toml; versions already locked are kept
+# where they still fit. `make lock LOCK_ARGS=--upgrade` moves everything to the newest
+# versions, `LOCK_ARGS='--upgrade-package numpy'` one package. The locking tool (uv) is itself
+# installed from requirements/tools.lock, with hashes, into a virtualenv of its own.
+LOCK_TOOLS := $(VENV)/lock-tools
+LOCK_ARGS ?=
+UV_COMPILE = $(LOCK_TOOLS)/bin/uv pip compile --quiet --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_36 --index-url https://pypi.org/simple \
+	--custom-compile-command 'make lock' $(LOCK_ARGS)
+
+lock:
+	@test -x $(LOCK_TOOLS)/bin/python || $(PYTHON) -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/python -m pip install -q --require-hashes -r requirements/tools.lock
+	$(UV_COMPILE) requirements/tools.in -o requirements/tools.lock
+	$(UV_COMPILE) pyproject.toml -o requirements/runtime.lock
+	$(UV_COMPILE) pyproject.toml --extra test --extra build --extra bench \
+		--constraint requirements/runtime.lock -o $(DEV_LOCK)
+	$(LOCK_TOOLS)/bin/python requirements/gpu_in.py > requirements/gpu.in
+	$(UV_COMPILE) requirements/gpu.in --constraint requirements/runtime.lock \
+		-o requirements/gpu.lock
 
 # npm ci installs exactly the locked versions; .npmrc keeps install scripts from running.
 $(NODE_STAMP): package-lock.json
