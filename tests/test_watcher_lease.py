@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.client import Pipeline
 
 from tests.conftest import Servers
 from tests.senders import storescu
 from tests.studies import ct_studies
 from triage.lease import LEASE_KEY, Lease, LeaseLost
 from triage.priority import PriorityClass
-from triage.queues import QueueName
+from triage.queues import QueueName, enqueue_analysis
 from triage.servers import ManagedProcess
 from triage.watcher import CURSOR_KEY
 from triage.worklist import StudyStatus, Worklist, WorklistItem, utcnow
@@ -74,6 +75,17 @@ def test_a_lost_lease_fences_every_write(clean_servers: Servers) -> None:
         Worklist(believing().fenced_connection()).put(_any_item())
     with pytest.raises(LeaseLost):
         believing().check()
+
+    def enqueue(pipe: Pipeline) -> None:  # as the watcher queues a study
+        pipe.multi()
+        enqueue_analysis(connection, clean_servers.settings, queue=QueueName.DEFAULT,
+                         job_id="stale-job", orthanc_id="o", study_instance_uid="1.2.3",
+                         inputs="i", pipeline=pipe)
+
+    with pytest.raises(LeaseLost):
+        believing().transaction(enqueue)
+    assert connection.llen("rq:queue:default") == 0 and not connection.exists(
+        "rq:job:stale-job")
     assert not old.held  # each refusal makes it forget the lease
     assert connection.get("triage:test:fenced") is None
     assert Worklist(connection).page()[1] == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 from enum import Enum
 
 import redis
+from redis.client import Pipeline
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
 
@@ -48,8 +49,9 @@ def job_pending(connection: redis.Redis, job_id: str) -> bool:
 
 def enqueue_analysis(connection: redis.Redis, settings: Settings, *, queue: QueueName,
                      job_id: str, orthanc_id: str, study_instance_uid: str,
-                     inputs: str) -> Job:
-    """Enqueue ``triage.jobs.analyse_study`` under a deterministic job id."""
+                     inputs: str, pipeline: Pipeline | None = None) -> Job:
+    """Enqueue ``triage.jobs.analyse_study`` under a deterministic job id; with a
+    ``pipeline`` (in MULTI), as part of the caller's transaction."""
     retries = settings.job_retries
     return Queue(queue.value, connection=connection).enqueue(
         "triage.jobs.analyse_study",
@@ -60,4 +62,5 @@ def enqueue_analysis(connection: redis.Redis, settings: Settings, *, queue: Queu
         failure_ttl=FAILURE_TTL,
         retry=Retry(max=retries, interval=RETRY_INTERVALS[:retries] or [0]) if retries else None,
         description=f"analyse study {orthanc_id}",
+        pipeline=pipeline,
     )

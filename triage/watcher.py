@@ -327,13 +327,23 @@ class Watcher:
             return False
         if timed:
             self._note_queued(snapshot, job_id)
-        # The worklist upsert above was fenced in its transaction; RQ's enqueue cannot join
-        # it, so the lease is checked again just before (the residual window, README.md).
-        self._check_lease()
-        enqueue_analysis(self.redis, self.settings, queue=queue, job_id=job_id,
-                         orthanc_id=snapshot.orthanc_id,
-                         study_instance_uid=snapshot.study_instance_uid,
-                         inputs=snapshot.inputs)
+        # The worklist upsert above was fenced in its transaction, and so is the enqueue: a
+        # leader that lost its lease in between writes the item but no job, and the new
+        # leader, finding no pending job for it, queues the study itself.
+        def enqueue(pipeline: Pipeline | None = None) -> None:
+            enqueue_analysis(self.redis, self.settings, queue=queue, job_id=job_id,
+                             orthanc_id=snapshot.orthanc_id,
+                             study_instance_uid=snapshot.study_instance_uid,
+                             inputs=snapshot.inputs, pipeline=pipeline)
+
+        if self.lease is None:
+            enqueue()
+        else:
+            def fenced(pipe: Pipeline) -> None:
+                pipe.multi()
+                enqueue(pipe)
+
+            self.lease.transaction(fenced)
         log.info("study %s queued (%d instances, queue %s)",
                  pseudonym(snapshot.study_instance_uid), snapshot.n_instances, queue.value)
         return True
