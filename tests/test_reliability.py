@@ -223,3 +223,26 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_queued_again(
     run_worker(burst=True)
     done = Worklist(servers.redis).get(item.study_instance_uid)
     assert done is not None and done.status is StudyStatus.ANALYSED
+
+
+def test_a_queued_study_whose_job_was_never_created_gets_one(clean_servers: Servers,
+                                                             tmp_path: Path) -> None:
+    """The watcher writes the worklist item, then enqueues the job: stopped (or Redis gone)
+    in between, the study shows queued with no job anywhere. It must not wait forever."""
+    from rq.job import Job
+
+    from triage.queues import queues
+    from triage.recovery import recover_abandoned
+
+    servers = clean_servers
+    storescu(servers.settings, write_study(tmp_path / "s", "head-ct-normal"))
+    watch_until(servers, Watcher(servers.settings, servers.orthanc, servers.redis), 1)
+    [item] = Worklist(servers.redis).page()[0]
+    Job.fetch(item.job_id, connection=servers.redis).delete()  # as if never enqueued
+    assert recover_abandoned(servers.redis, stranded_after=1) == []  # first sighting
+    time.sleep(1.2)
+    assert recover_abandoned(servers.redis, stranded_after=1) == [item.job_id]
+    assert queues(servers.redis)[1].count == 1
+    run_worker(burst=True)
+    done = Worklist(servers.redis).get(item.study_instance_uid)
+    assert done is not None and done.status is StudyStatus.ANALYSED

@@ -19,8 +19,10 @@ from rq.queue import Queue
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
 from triage.logs import pseudonym
-from triage.queues import queues
-from triage.worklist import StudyStatus, Worklist
+from triage.priority import PriorityClass
+from triage.queues import QueueName, enqueue_analysis, queues
+from triage.settings import get_settings
+from triage.worklist import StudyStatus, Worklist, WorklistItem
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,12 @@ def _recover_popped(connection: redis.Redis, worklist: Worklist,
     for status in (StudyStatus.QUEUED, StudyStatus.ANALYSING):
         for item in worklist.with_facet(f"status:{status.value}"):
             job = _fetch(connection, item.job_id) if item.job_id else None
+            if job is None and item.job_id and status is StudyStatus.QUEUED:
+                # Shown as queued, but its job was never created (the watcher stopped, or
+                # Redis went away, between writing the item and enqueueing): create it.
+                if _stranded(connection, item.job_id, stranded_after):
+                    recovered.append(_enqueue_missing(connection, item))
+                continue
             if job is None or job.get_status(refresh=False) not in (JobStatus.QUEUED,
                                                                     JobStatus.STARTED):
                 continue
@@ -102,14 +110,31 @@ def _recover_popped(connection: redis.Redis, worklist: Worklist,
             if queue is None or _somewhere(connection, queue, job):
                 connection.delete(_missing_key(job.id))
                 continue
-            marker = _missing_key(job.id)
-            if connection.set(marker, "1", nx=True, ex=stranded_after * 4):
-                continue  # first sighting: it may be between two places right now
-            if connection.ttl(marker) > stranded_after * 3:
-                continue
-            connection.delete(marker)
-            recovered.append(_requeue(queue, job, worklist))
+            if _stranded(connection, job.id, stranded_after):
+                recovered.append(_requeue(queue, job, worklist))
     return recovered
+
+
+def _stranded(connection: redis.Redis, job_id: str, stranded_after: int) -> bool:
+    """Whether a job missing now was already missing ``stranded_after`` seconds ago."""
+    marker = _missing_key(job_id)
+    if connection.set(marker, "1", nx=True, ex=stranded_after * 4):
+        return False  # first sighting: it may be between two places right now
+    if int(connection.ttl(marker)) > stranded_after * 3:  # type: ignore[arg-type]
+        return False
+    connection.delete(marker)
+    return True
+
+
+def _enqueue_missing(connection: redis.Redis, item: WorklistItem) -> str:
+    queue = QueueName.URGENT if item.priority.rank < PriorityClass.ROUTINE.rank else (
+        QueueName.DEFAULT)
+    enqueue_analysis(connection, get_settings(), queue=queue, job_id=item.job_id,
+                     orthanc_id=item.orthanc_id, study_instance_uid=item.study_instance_uid,
+                     inputs=item.inputs)
+    log.warning("study %s: queued without a job; job created", pseudonym(
+        item.study_instance_uid))
+    return item.job_id
 
 
 def _somewhere(connection: redis.Redis, queue: Queue, job: Job) -> bool:

@@ -263,9 +263,12 @@ class Watcher:
             if updated is None or now - updated < limit:
                 continue
             log.warning("study %s was never reported stable; queueing it", study_id)
+            # Forgotten only once handled: Orthanc or Redis down in between (which raises)
+            # leaves it here for the next sweep rather than lose it.
+            handled = self._handle(Change(seq=0, change_type=STABLE_STUDY,
+                                          resource_id=study_id, resource_type="Study"))
             self._forget_unstable(study_id)
-            queued += self._handle(Change(seq=0, change_type=STABLE_STUDY,
-                                          resource_id=study_id, resource_type="Study")) or 0
+            queued += handled or 0
         return queued
 
     def maintain(self, now: datetime) -> None:
