@@ -7,7 +7,6 @@ app services is fed to the real ``Settings``.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -27,18 +26,29 @@ from triage.web.render import VENDOR
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+PYPROJECT = ROOT / "pyproject.toml"
 DOCKERIGNORE = ROOT / ".dockerignore"
 ENV_EXAMPLE = ROOT / "deploy" / "env.example"
 
 APP_SERVICES = ("api", "worker", "watcher")
-# Services without a healthcheck: no port, no heartbeat; PID 1 of their container, restarted
-# by the restart policy when it exits.
-NO_HEALTHCHECK = {"watcher"}
+# The images the repository builds (deploy/build-images.sh), by service, with the uid and gid
+# their Dockerfile gives the service user (the Kubernetes manifests use the same ids).
+PROJECT_IMAGES = {
+    "postgres": ("triage-postgres", "deploy/postgres/Dockerfile", 10102),
+    "orthanc": ("triage-orthanc", "deploy/orthanc/Dockerfile", 10101),
+    "redis": ("triage-redis", "deploy/redis/Dockerfile", 10103),
+    "api": ("triage", "deploy/Dockerfile", 10001),
+    "worker": ("triage", "deploy/Dockerfile", 10001),
+    "watcher": ("triage", "deploy/Dockerfile", 10001),
+}
+# Variables of .env that are no setting of the service: they configure other containers.
+DEPLOYMENT_VARIABLES = {"TRIAGE_POSTGRES_PASSWORD"}
 
 # What a hospital writes in .env (token_urlsafe: the form deploy/env.example asks for).
 EXAMPLE_ENV = {
     "TRIAGE_ORTHANC_PASSWORD": secrets.token_urlsafe(32),
     "TRIAGE_REDIS_PASSWORD": secrets.token_urlsafe(32),
+    "TRIAGE_POSTGRES_PASSWORD": secrets.token_urlsafe(32),
 }
 
 _REFERENCE = re.compile(
@@ -118,7 +128,32 @@ def services(compose: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_services_exist(services: dict[str, Any]) -> None:
-    assert set(services) >= {"orthanc", "redis", *APP_SERVICES}
+    assert set(services) >= {"postgres", "orthanc", "redis", *APP_SERVICES}
+
+
+def test_compose_format_honours_health_conditions(raw: dict[str, Any]) -> None:
+    """docker-compose 1.29 honours `condition: service_healthy` in format 2.x, not in 3."""
+    assert str(raw["version"]) == "2.4"
+    assert "name" not in raw  # no top-level name in format 2.4 (docker-compose 1.29 refuses it)
+
+
+def test_services_run_the_project_images_as_their_users(services: dict[str, Any]) -> None:
+    version = re.search(r'^version *= *"(.*)"', PYPROJECT.read_text(), re.MULTILINE)
+    assert version
+    for name, (image, dockerfile, uid) in PROJECT_IMAGES.items():
+        service = services[name]
+        assert service["image"] == f"{image}:{version.group(1)}", name
+        build = service["build"]
+        path = ROOT / build.get("context", ".") / build["dockerfile"]
+        assert path.resolve() == (ROOT / dockerfile).resolve() and path.is_file(), name
+        text = path.read_text()
+        # Non-root, with the fixed ids the Dockerfile gives its service user.
+        assert service["user"] == f"{uid}:{uid}", name
+        assert f"--uid {uid}" in text and f"--gid {uid}" in text, name
+        users = re.findall(r"^USER (\S+)", text, re.MULTILINE)
+        assert users and users[-1] not in ("root", "0"), name
+        assert service["restart"] in ("always", "unless-stopped"), name
+        assert "ALL" in service["cap_drop"], name
 
 
 def test_passwords_are_required(raw: dict[str, Any]) -> None:
@@ -170,40 +205,54 @@ def test_api_publishes_its_port(services: dict[str, Any]) -> None:
     mappings = container_ports(api)
     assert mappings, "the api publishes no port"
     assert {container for _ip, _host, container in mappings} == {port}
+    # Plain HTTP (`triage api` has no TLS settings): this host only, behind an HTTPS proxy.
+    assert {ip for ip, _host, _container in mappings} == {"127.0.0.1"}
     assert f":{port}/healthz" in " ".join(api["healthcheck"]["test"])
 
 
 def test_orthanc_url_matches_orthanc_service(services: dict[str, Any]) -> None:
-    orthanc_env = environment(services["orthanc"])
-    http_port = int(orthanc_env.get("ORTHANC__HTTP_PORT", "8042"))
-    dicom_port = int(orthanc_env.get("ORTHANC__DICOM_PORT", "4242"))
+    # The image's fixed ports (deploy/orthanc/entrypoint.py).
+    http_port, dicom_port = 8042, 4242
     for name in APP_SERVICES:
         url = urlsplit(environment(services[name])["TRIAGE_ORTHANC_URL"])
         assert url.hostname == "orthanc", name
         assert (url.port or 80) == http_port, name
     ports = container_ports(services["orthanc"])
-    # DICOM for the PACS and modalities; the REST API only on this host, if at all.
-    assert (None, dicom_port, dicom_port) in ports
-    for ip, _host, container in ports:
-        if container == http_port:
-            assert ip == "127.0.0.1"
-        else:
-            assert container == dicom_port
+    # DICOM for the PACS and modalities; the REST API is never published.
+    assert ports == [(None, dicom_port, dicom_port)]
 
 
 def test_orthanc_authentication_and_stable_age(raw: dict[str, Any],
                                                services: dict[str, Any]) -> None:
+    """The Orthanc image renders orthanc/orthanc.json.template from the same TRIAGE_ values
+    as the app services' settings (authentication is always on in the template)."""
     env = environment(services["orthanc"])
-    assert env["ORTHANC__AUTHENTICATION_ENABLED"] == "true"
-    assert env["DICOM_WEB_PLUGIN_ENABLED"] == "true"
     app_env = environment(services["api"])
-    users = json.loads(env["ORTHANC__REGISTERED_USERS"])
-    assert users == {app_env["TRIAGE_ORTHANC_USERNAME"]: EXAMPLE_ENV["TRIAGE_ORTHANC_PASSWORD"]}
-    assert env["ORTHANC__STABLE_AGE"] == app_env["TRIAGE_STABLE_AGE"] == "5"
+    assert {key for key in env if key.startswith("TRIAGE_")} <= settings_fields()
+    for key in ("TRIAGE_ORTHANC_USERNAME", "TRIAGE_ORTHANC_PASSWORD", "TRIAGE_ORTHANC_AET",
+                "TRIAGE_STABLE_AGE"):
+        assert env[key] == app_env[key], key
+    assert env["TRIAGE_ORTHANC_PASSWORD"] == EXAMPLE_ENV["TRIAGE_ORTHANC_PASSWORD"]
+    assert env["TRIAGE_STABLE_AGE"] == "5"
     # The stable age follows TRIAGE_STABLE_AGE in .env.
     changed = interpolated(raw, {**EXAMPLE_ENV, "TRIAGE_STABLE_AGE": "12"})["services"]
-    assert environment(changed["orthanc"])["ORTHANC__STABLE_AGE"] == "12"
-    assert any("/var/lib/orthanc/db" in volume for volume in services["orthanc"]["volumes"])
+    assert environment(changed["orthanc"])["TRIAGE_STABLE_AGE"] == "12"
+    assert any(volume.endswith(":/var/lib/orthanc/db") for volume in services["orthanc"]["volumes"])
+
+
+def test_orthanc_index_in_postgres(services: dict[str, Any]) -> None:
+    env = environment(services["orthanc"])
+    postgres = services["postgres"]
+    postgres_env = environment(postgres)
+    assert env["POSTGRES_HOST"] == "postgres"
+    assert env["POSTGRES_PASSWORD"] == postgres_env["POSTGRES_PASSWORD"] \
+        == EXAMPLE_ENV["TRIAGE_POSTGRES_PASSWORD"]
+    for key in ("POSTGRES_DB", "POSTGRES_USER"):
+        assert env[key] == postgres_env[key], key
+    assert services["orthanc"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "ports" not in postgres
+    assert any(volume.endswith(":/var/lib/postgresql/data") for volume in postgres["volumes"])
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
 
 
 def test_redis_is_durable_and_protected(services: dict[str, Any]) -> None:
@@ -212,7 +261,11 @@ def test_redis_is_durable_and_protected(services: dict[str, Any]) -> None:
     if isinstance(command, str):
         command = command.split()
     assert command[command.index("--appendonly") + 1] == "yes"
-    assert command[command.index("--requirepass") + 1] == EXAMPLE_ENV["TRIAGE_REDIS_PASSWORD"]
+    # The image's entrypoint hands the password to redis-server on standard input: never on
+    # a command line that `ps` shows.
+    assert environment(redis_service)["REDIS_PASSWORD"] == EXAMPLE_ENV["TRIAGE_REDIS_PASSWORD"]
+    assert "--requirepass" not in command
+    assert EXAMPLE_ENV["TRIAGE_REDIS_PASSWORD"] not in " ".join(command)
     assert "ports" not in redis_service
     assert any(volume.endswith(":/data") for volume in redis_service["volumes"])
     assert "ping" in " ".join(redis_service["healthcheck"]["test"])
@@ -236,14 +289,26 @@ def test_workers_yield_the_cpu_to_orthanc(services: dict[str, Any]) -> None:
 
 def test_healthchecks(services: dict[str, Any]) -> None:
     for name, service in services.items():
-        if name in NO_HEALTHCHECK:
-            assert "ports" not in service, name
-            assert service.get("restart") in ("always", "unless-stopped"), name
-            continue
         check = service.get("healthcheck")
         assert check and not check.get("disable") and check.get("test"), name
-    # Workers have no port either, but RQ keeps a heartbeat of each one in Redis.
+        assert service.get("restart") in ("always", "unless-stopped"), name
+    # Workers have no port, but RQ keeps a heartbeat of each one in Redis.
     assert "rq.Worker.all" in " ".join(services["worker"]["healthcheck"]["test"])
+    # Watchers have none either: healthy while one of them holds the lease.
+    from triage.lease import LEASE_KEY
+    assert LEASE_KEY in " ".join(services["watcher"]["healthcheck"]["test"])
+    # podman 4.3's Docker API splits CMD arguments at spaces: arguments with spaces need
+    # CMD-SHELL (one string).
+    for name, service in services.items():
+        test = service["healthcheck"]["test"]
+        if test[0] == "CMD":
+            assert not any(" " in argument for argument in test[1:]), name
+
+
+def test_two_watchers_share_the_lease(raw: dict[str, Any]) -> None:
+    watcher = raw["services"]["watcher"]
+    assert watcher["scale"] == 2
+    assert "container_name" not in watcher and "ports" not in watcher
 
 
 def test_dockerfile_installs_package_and_models() -> None:
@@ -278,7 +343,7 @@ def test_env_example(raw: dict[str, Any]) -> None:
     referenced = {m.group("name") for m in _REFERENCE.finditer(COMPOSE_FILE.read_text())
                   if m.group("name")}
     assert referenced == set(example)
-    assert set(example) <= settings_fields()
+    assert set(example) <= settings_fields() | DEPLOYMENT_VARIABLES
     # Passwords are empty: compose refuses to start until the hospital sets them.
     for secret in EXAMPLE_ENV:
         assert example[secret] == ""

@@ -353,12 +353,19 @@ def test_stateful_services_keep_their_data(overlay: str) -> None:
         mounts = [m["name"] for c in statefulset["template"]["spec"]["containers"]
                   for m in c.get("volumeMounts", [])]
         assert claims == ["data"] and "data" in mounts, name
-    args = one(overlay, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[args.index("--appendonly") + 1] == "yes"
+    # The project's Redis image keeps an append-only file in the volume it mounts.
+    redis = one(overlay, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]
+    entrypoint = (ROOT / "deploy" / "redis" / "entrypoint.sh").read_text()
+    assert "--appendonly yes" in entrypoint and "--dir /data" in entrypoint
+    assert "/data" in [m["mountPath"] for m in redis["volumeMounts"] if m["name"] == "data"]
+    assert "args" not in redis  # the password never goes on a command line
+    # Orthanc's index in PostgreSQL, configured as the project's image reads it.
     orthanc = one(overlay, "StatefulSet", "orthanc")["spec"]["template"]["spec"]["containers"][0]
     env = {var["name"]: var.get("value") for var in orthanc["env"]}
-    assert env["ORTHANC__POSTGRESQL__ENABLE_INDEX"] == "true"
-    assert env["ORTHANC__POSTGRESQL__HOST"] == "postgres"
+    assert env["POSTGRES_HOST"] == "postgres" and "POSTGRES_PASSWORD" in env
+    image_reads = (ROOT / "deploy" / "orthanc" / "entrypoint.py").read_text()
+    assert all(f'"{name}"' in image_reads for name in env if name.startswith(
+        ("POSTGRES_", "TRIAGE_")))
 
 
 def test_two_watchers_run(overlay: str) -> None:
@@ -443,7 +450,7 @@ def test_images_are_the_ones_the_repository_builds(overlay: str) -> None:
         "triage-watcher": {app},
         "redis": {image_name(compose["redis"]["image"])},
         "orthanc": {image_name(compose["orthanc"]["image"])},
-        "postgres": {"postgres"},
+        "postgres": {image_name(compose["postgres"]["image"])},
     }
     for workload in workloads(overlay):
         images = [c["image"] for c in containers(workload)]
