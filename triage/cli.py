@@ -157,6 +157,10 @@ def api() -> None:
     # than reopened (longer than the usual 60 s idle timeout of a proxy in front).
     options: dict[str, Any] = {"host": settings.api_host, "port": settings.api_port,
                                "log_level": "warning", "timeout_keep_alive": 75}
+    if settings.api_tls_cert and settings.api_tls_key:
+        # HTTPS with the hospital's certificate (chain first, then the intermediates).
+        options.update(ssl_certfile=str(settings.api_tls_cert),
+                       ssl_keyfile=str(settings.api_tls_key))
     if settings.api_workers == 1:
         uvicorn.run(create_app(settings), **options)
         return

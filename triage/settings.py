@@ -18,7 +18,7 @@ from typing import Literal
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Where a checkout keeps its model packages and the Orthanc configuration template.
@@ -124,6 +124,10 @@ class Settings(BaseSettings):
     api_workers: int = Field(
         default=2, ge=1, description="API processes; more serve more concurrent readers"
     )
+    api_tls_cert: Path | None = Field(
+        default=None, description="The API's HTTPS certificate (PEM, with its chain); with "
+        "TRIAGE_API_TLS_KEY, the API answers over HTTPS only")
+    api_tls_key: Path | None = Field(default=None, description="Its private key (PEM)")
     public_url: str | None = Field(
         default=None, description="URL people use to reach the web pages (printed by triage up)"
     )
@@ -227,6 +231,16 @@ class Settings(BaseSettings):
             raise ValueError(f"placeholder secret {value!r} refused: set a real one")
         return value
 
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        given = [p for p in (self.api_tls_cert, self.api_tls_key) if p is not None]
+        if len(given) == 1:
+            raise ValueError("set both TRIAGE_API_TLS_CERT and TRIAGE_API_TLS_KEY, or neither")
+        for path in given:
+            if not path.is_file():
+                raise ValueError(f"API TLS file {path} does not exist")
+        return self
+
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
@@ -261,7 +275,8 @@ class Settings(BaseSettings):
 
     @property
     def api_base_url(self) -> str:
-        return (self.public_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")
+        scheme = "https" if self.api_tls_cert else "http"
+        return (self.public_url or f"{scheme}://{self.api_host}:{self.api_port}").rstrip("/")
 
     @cached_property
     def stored_secrets(self) -> dict[str, str]:

@@ -77,7 +77,8 @@ class Stack:
         self.apps.append(api)
         for process in self.apps:
             process.start()
-        wait_for_http(f"http://127.0.0.1:{settings.api_port}/healthz", api)
+        scheme = "https" if settings.api_tls_cert else "http"
+        wait_for_http(f"{scheme}://127.0.0.1:{settings.api_port}/healthz", api)
         self._write_stack_file()
 
     def _write_stack_file(self) -> None:
