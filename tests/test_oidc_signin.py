@@ -347,9 +347,10 @@ def test_a_valid_id_token_is_accepted() -> None:
 
 def test_signing_in_from_the_login_page_in_chromium(hospital: Provider,
                                                     serve: Callable[..., str]) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path("/usr/bin/chromium").exists():
-        pytest.skip("Debian's Chromium is not installed")
+    from playwright import sync_api
+
+    # Installed by the project's set-up (deploy/install-debian-packages.sh): never skipped.
+    assert Path("/usr/bin/chromium").exists(), "Debian's chromium is not installed"
     api = serve(hospital, {"rad-staff": "radiologist"})
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as playwright:

@@ -22,7 +22,7 @@ from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from triage.api.deps import audit, session_user
+from triage.api.deps import audit, client_address, session_user
 from triage.api.routes.studies import _detail
 from triage.audit import AuditAction
 from triage.errors import TriageError
@@ -199,35 +199,26 @@ async def _query(request: Request, user: TokenRecord, filters: Filters) -> Workl
 
 @router.get("/")
 async def worklist_page(request: Request) -> Response:
-    user = await page_user(request)
-    filters = Filters.from_request(request)
-    result = await _query(request, user, filters)
-    await _audit_view(request, user, filters, result, "page")
-    return page(request, "worklist.html", **_worklist_context(request, user, filters, result))
+    return await _worklist(request, "worklist.html", "page")
 
 
 @router.get("/ui/worklist/rows")
 async def worklist_rows(request: Request) -> Response:
     """The rows and the counts of the page's current filters, for live updates."""
+    return await _worklist(request, "fragment.html", "live")
+
+
+async def _worklist(request: Request, template: str, via: str) -> Response:
+    """The worklist for the filters in the URL, audited as a view (as the JSON API is)."""
     user = await page_user(request)
     filters = Filters.from_request(request)
     result = await _query(request, user, filters)
-    await _audit_view(request, user, filters, result, "live")
-    return page(request, "fragment.html", **_worklist_context(request, user, filters, result))
-
-
-async def _audit_view(request: Request, user: TokenRecord, filters: Filters,
-                      result: WorklistPage, via: str) -> None:
-    """Every list of patients shown is in the audit trail, as for the JSON API."""
     await request.app.state.audit.record(
-        actor=user.owner, role=user.role.value, source=_source(request),
+        actor=user.owner, role=user.role.value, source=client_address(request),
         action=AuditAction.WORKLIST_VIEWED,
         details={"filters": filters.model_dump(mode="json", exclude_defaults=True),
                  "shown": len(result.items), "via": via})
-
-
-def _source(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    return page(request, template, **_worklist_context(request, user, filters, result))
 
 
 # -- one study ------------------------------------------------------------------------
