@@ -42,7 +42,8 @@ PROJECT_IMAGES = {
     "watcher": ("triage", "deploy/Dockerfile", 10001),
 }
 # Variables of .env that are no setting of the service: they configure other containers.
-DEPLOYMENT_VARIABLES = {"TRIAGE_POSTGRES_PASSWORD"}
+DEPLOYMENT_VARIABLES = {"TRIAGE_POSTGRES_PASSWORD", "TRIAGE_DICOM_PORT", "TRIAGE_HTTPS_PORT",
+                        "TRIAGE_CERTS_DIR"}
 
 # What a hospital writes in .env (token_urlsafe: the form deploy/env.example asks for).
 EXAMPLE_ENV = {
@@ -205,12 +206,19 @@ def test_api_publishes_its_port(services: dict[str, Any]) -> None:
     mappings = container_ports(api)
     assert mappings, "the api publishes no port"
     assert {container for _ip, _host, container in mappings} == {port}
-    # Plain HTTP (`triage api` has no TLS settings): this host only, behind an HTTPS proxy.
-    assert {ip for ip, _host, _container in mappings} == {"127.0.0.1"}
-    assert f":{port}/healthz" in " ".join(api["healthcheck"]["test"])
+    # HTTPS only, with the certificate and key of the mounted certificate directory.
+    assert [host for _ip, host, _container in mappings] == [443]
+    assert f"https://127.0.0.1:{port}/healthz" in " ".join(api["healthcheck"]["test"])
+    mount = next(v for v in api["volumes"] if v.endswith(":ro"))
+    directory = mount.split(":")[1]
+    for key in ("TRIAGE_API_TLS_CERT", "TRIAGE_API_TLS_KEY"):
+        assert env[key].startswith(directory + "/"), key
+    # Settings accept the pair (both or neither) when the files exist.
+    assert {"api_tls_cert", "api_tls_key"} <= set(Settings.model_fields)
 
 
-def test_orthanc_url_matches_orthanc_service(services: dict[str, Any]) -> None:
+def test_orthanc_url_matches_orthanc_service(raw: dict[str, Any],
+                                            services: dict[str, Any]) -> None:
     # The image's fixed ports (deploy/orthanc/entrypoint.py).
     http_port, dicom_port = 8042, 4242
     for name in APP_SERVICES:
@@ -220,6 +228,9 @@ def test_orthanc_url_matches_orthanc_service(services: dict[str, Any]) -> None:
     ports = container_ports(services["orthanc"])
     # DICOM for the PACS and modalities; the REST API is never published.
     assert ports == [(None, dicom_port, dicom_port)]
+    # The host port follows TRIAGE_DICOM_PORT.
+    changed = interpolated(raw, {**EXAMPLE_ENV, "TRIAGE_DICOM_PORT": "11112"})["services"]
+    assert container_ports(changed["orthanc"]) == [(None, 11112, dicom_port)]
 
 
 def test_orthanc_authentication_and_stable_age(raw: dict[str, Any],
@@ -352,12 +363,19 @@ def test_env_example(raw: dict[str, Any]) -> None:
 
 
 @pytest.fixture
-def api_env(services: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The process environment of the api container (only its TRIAGE_ variables)."""
+def api_env(services: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+            tmp_path: Path) -> dict[str, str]:
+    """The process environment of the api container (only its TRIAGE_ variables), with the
+    certificate directory it mounts standing in a temporary directory here."""
     for key in list(os.environ):
         if key.startswith("TRIAGE_"):
             monkeypatch.delenv(key)
     env = environment(services["api"])
+    mount = next(v for v in services["api"]["volumes"] if v.endswith(":ro")).split(":")[1]
+    for key in ("TRIAGE_API_TLS_CERT", "TRIAGE_API_TLS_KEY"):
+        local = tmp_path / env[key].removeprefix(mount + "/")
+        local.write_text("(the hospital's PEM file)\n")
+        env[key] = str(local)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
@@ -369,7 +387,8 @@ def test_settings_from_api_environment(api_env: dict[str, str]) -> None:
     assert settings.orthanc_base_url == "http://orthanc:8042"
     assert settings.orthanc_secret == EXAMPLE_ENV["TRIAGE_ORTHANC_PASSWORD"]
     assert settings.redis_connection_url == api_env["TRIAGE_REDIS_URL"]
-    assert (settings.api_host, settings.api_port) == ("0.0.0.0", 8000)
+    assert (settings.api_host, settings.api_port) == ("0.0.0.0", 8443)
+    assert settings.api_tls_cert is not None and settings.api_tls_key is not None
     assert settings.models_dir == Path("/app/models")
     assert not settings.local_orthanc and not settings.local_redis
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,27 @@ def test_the_orthanc_image_carries_the_template_where_its_entrypoint_reads_it() 
         # Official base names: a hospital builds from the official image, the tests here
         # from a base made with mmdebstrap and tagged with the same name.
         assert stages[-1] == "FROM debian:bookworm-slim", name
+
+
+@pytest.mark.parametrize("placeholder", ["changeme", "Password", "orthanc"])
+def test_every_image_refuses_placeholder_passwords(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, placeholder: str) -> None:
+    """Each entrypoint stops before starting its server when a password is an example value."""
+    monkeypatch.setenv("ORTHANC_CONFIG_DIR", str(tmp_path / "image"))
+    monkeypatch.setenv("TRIAGE_ORTHANC_PASSWORD", placeholder)
+    with pytest.raises(SystemExit) as refused:
+        _entrypoint().render()
+    assert refused.value.code == 1
+    assert not (tmp_path / "image" / "orthanc.json").exists()
+    scripts = {
+        "postgres": {"POSTGRES_PASSWORD": placeholder, "POSTGRES_USER": "orthanc",
+                     "POSTGRES_DB": "orthanc", "PGDATA": str(tmp_path / "pgdata")},
+        "redis": {"REDIS_PASSWORD": placeholder},
+    }
+    for name, env in scripts.items():
+        script = PROJECT_ROOT / "deploy" / name / "entrypoint.sh"
+        done = subprocess.run(["sh", str(script)], env={"PATH": "/usr/bin:/bin", **env},
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 1, (name, done.stderr)
+        assert "placeholder" in done.stderr, (name, done.stderr)
+    assert not (tmp_path / "pgdata").exists()

@@ -47,11 +47,16 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
+# Refused as passwords: what an example file or a tutorial would hold.
+PLACEHOLDERS = {"changeme", "change-me", "password", "secret", "orthanc", "postgres"}
+
+
 def secret(name: str, default: str | None = None) -> str | None:
     path = os.environ.get(name + "_FILE")
-    if path:
-        return Path(path).read_text().strip()
-    return os.environ.get(name, default)
+    value = Path(path).read_text().strip() if path else os.environ.get(name, default)
+    if value and value.lower() in PLACEHOLDERS:
+        fail(f"{name} is a placeholder; set a real one")
+    return value
 
 
 def dicom_security_values() -> dict[str, str]:

@@ -6,6 +6,12 @@ set -eu
 if [ -n "${POSTGRES_PASSWORD_FILE:-}" ]; then
     POSTGRES_PASSWORD=$(cat "$POSTGRES_PASSWORD_FILE")
 fi
+# Placeholders (what an example file or a tutorial would hold) are refused at every start.
+case "$(printf %s "${POSTGRES_PASSWORD:-}" | tr '[:upper:]' '[:lower:]')" in
+    changeme|change-me|password|secret|postgres|orthanc)
+        echo "postgres: POSTGRES_PASSWORD is a placeholder; set a real one" >&2
+        exit 1 ;;
+esac
 case "$POSTGRES_USER$POSTGRES_DB" in
     *[!A-Za-z0-9_]*) echo "postgres: POSTGRES_USER and POSTGRES_DB: letters, digits and _ only" >&2
                      exit 1 ;;

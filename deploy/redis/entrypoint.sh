@@ -10,6 +10,10 @@ if [ -z "${REDIS_PASSWORD:-}" ]; then
     echo "redis: set REDIS_PASSWORD (or REDIS_PASSWORD_FILE); refusing to start without one" >&2
     exit 1
 fi
+case "$(printf %s "$REDIS_PASSWORD" | tr '[:upper:]' '[:lower:]')" in
+    changeme|change-me|password|secret|redis|orthanc)
+        echo "redis: REDIS_PASSWORD is a placeholder; set a real one" >&2; exit 1 ;;
+esac
 case "$REDIS_PASSWORD" in
     *[!A-Za-z0-9_-]*) echo "redis: REDIS_PASSWORD: use letters, digits, - and _ only" >&2; exit 1 ;;
 esac
