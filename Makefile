@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(DEV_LOCK) 2>/dev/null |
 # the pages, Swagger UI for /docs; axe-core for the accessibility tests.
 NODE_STAMP := node_modules/.installed-$(shell cat package-lock.json | cksum | cut -d' ' -f1)
 
-.PHONY: all deps demo test lint bench screenshots clean lock
+.PHONY: all deps demo test test-deploy lint bench screenshots clean lock
 
 all: test
 
@@ -64,6 +64,14 @@ demo: deps
 
 test: deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The deployment as hospitals run it (about 10 minutes here, after the images are built):
+# installs podman, runc, docker-compose and mmdebstrap from Debian, builds the four images
+# from deploy/ (the base with mmdebstrap when no registry answers), then starts
+# docker-compose.yml with docker-compose against podman and drives it (tests/deploy).
+test-deploy: deps
+	./deploy/build-images.sh
+	TRIAGE_TEST_DEPLOY=1 $(BIN)/python -m pytest -q -p no:cacheprovider -s tests/deploy $(PYTEST_ARGS)
 
 # Performance against the targets in BENCHMARKS.md (about 10 minutes on 2 cores);
 # writes bench/results/latest.json, summary.md and plots.
