@@ -6,6 +6,7 @@ set -euo pipefail
 packages=(
   orthanc orthanc-dicomweb orthanc-gdcm   # the DICOM store, DICOMweb and JPEG 2000 decoding
   redis-server                           # queues and the worklist index
+  postgresql                             # the service's records (vigilance: outcomes, alerts)
   dcmtk                                  # storescu to send studies, dsrdump to read SRs
   wrk                                    # HTTP load in the benchmark (make bench)
   libpixelmed-java default-jre-headless  # Pixelmed's TID 1500 validator in the tests
@@ -42,8 +43,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
-# The packages' init scripts must not start system-wide Orthanc and Redis on the ports the
-# local stack uses: the project starts its own.
+# The packages' init scripts must not start system-wide Orthanc, Redis and PostgreSQL on the
+# ports the local stack uses: the project starts its own.
 if [ ! -e /usr/sbin/policy-rc.d ]; then
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
   chmod +x /usr/sbin/policy-rc.d

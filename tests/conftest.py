@@ -45,6 +45,7 @@ def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
         "TRIAGE_ORTHANC_HTTP_PORT": str(free_port()),
         "TRIAGE_ORTHANC_DICOM_PORT": str(free_port()),
         "TRIAGE_REDIS_PORT": str(free_port()),
+        "TRIAGE_POSTGRES_PORT": str(free_port()),
         "TRIAGE_API_PORT": str(free_port()),
         "TRIAGE_STABLE_AGE": str(STABLE_AGE),
         "TRIAGE_WATCHER_POLL_SECONDS": "0.2",

@@ -1,12 +1,13 @@
-"""Starting and stopping the local Orthanc and Redis from Debian's packages.
+"""Starting and stopping the local Orthanc, Redis and PostgreSQL from Debian's packages.
 
-Hospitals run Orthanc and Redis as containers (docker-compose.yml); on a developer machine and
-in CI there is no container engine, so the local stack runs the Debian binaries as child
-processes with configuration generated into the data directory.
+Hospitals run Orthanc, Redis and PostgreSQL as containers (docker-compose.yml); on a developer
+machine and in CI there is no container engine, so the local stack runs the Debian binaries as
+child processes with configuration generated into the data directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,10 @@ from string import Template
 from typing import IO
 
 import httpx
+import psycopg
 import redis
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from triage.errors import TransientError
 from triage.orthanc import OrthancClient
@@ -30,6 +34,14 @@ ORTHANC_PLUGINS = (
     "/usr/share/orthanc/plugins/libOrthancGdcm.so",
 )
 REDIS_BINARY = "/usr/bin/redis-server"
+POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
+UNSHARE_BINARY = "/usr/bin/unshare"
+# The account Debian's postgresql package creates: PostgreSQL's identity when root starts it.
+POSTGRES_ACCOUNT = "postgres"
+# Durability off: for a throwaway test instance only, never for data anyone keeps.
+POSTGRES_FAST_SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
+# sun_path holds 108 bytes: a longer socket path makes PostgreSQL refuse to start.
+_MAX_SOCKET_PATH = 107
 ORTHANC_TEMPLATE = PROJECT_ROOT / "orthanc" / "orthanc.json.template"
 DEFAULT_START_TIMEOUT = 60.0
 DEFAULT_STOP_TIMEOUT = 20.0
@@ -44,6 +56,9 @@ class ManagedProcess:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
+    # What asks it to stop: SIGTERM, or SIGINT for PostgreSQL (SIGTERM would wait for every
+    # client to disconnect, SIGINT closes their sessions and shuts down cleanly).
+    stop_signal: int = signal.SIGTERM
     popen: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
@@ -74,7 +89,7 @@ class ManagedProcess:
 
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT, *,
              already_signalled: bool = False) -> int | None:
-        """SIGTERM (unless ``already_signalled``), then SIGKILL after ``timeout``.
+        """``stop_signal`` (unless ``already_signalled``), then SIGKILL after ``timeout``.
 
         Returns the exit code. A second SIGTERM would turn a worker's warm shutdown into a
         cold one, so a process already asked to stop is only waited for.
@@ -83,7 +98,7 @@ class ManagedProcess:
             return None
         if self.popen.poll() is None:
             if not already_signalled:
-                self.popen.send_signal(signal.SIGTERM)
+                self.popen.send_signal(self.stop_signal)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -257,3 +272,93 @@ def wait_for_redis(settings: Settings, process: ManagedProcess | None = None,
                 time.sleep(0.1)
     finally:
         connection.close()
+
+
+def _unprivileged(argv: list[str]) -> list[str]:
+    """``argv`` as run by a non-root account: PostgreSQL refuses to run as root.
+
+    As root, the command runs in a new user namespace where root is mapped to Debian's
+    ``postgres`` account. PostgreSQL then sees a non-root owner of its data directory while the
+    files stay root's on disk, so any data directory root can reach works (pytest's private
+    temporary directories, /root) without chown. It is no sandbox: like the Orthanc and Redis
+    of a stack started as root, it keeps root's access to root's files. ``unshare`` execs the
+    command, so the PID is PostgreSQL's own and it is stopped by PID like the other servers.
+    """
+    if os.geteuid() != 0:
+        return argv
+    return [UNSHARE_BINARY, "--user", f"--map-user={POSTGRES_ACCOUNT}",
+            f"--map-group={POSTGRES_ACCOUNT}", *argv]
+
+
+def _initdb(settings: Settings, cluster: Path, *, fast: bool) -> None:
+    """Create the cluster: superuser ``triage``, UTF-8, the Unix socket trusted (its directory
+    is the stack's account's only), TCP asking for the generated password."""
+    password_file = cluster.parent / "initdb-password"
+    fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(settings.stored_secrets["postgres_password"])
+    argv = [str(POSTGRES_BIN / "initdb"), "-D", str(cluster), "-U", "triage",
+            f"--pwfile={password_file}", "--auth-local=trust", "--auth-host=scram-sha-256",
+            "--encoding=UTF8", "--locale=C.UTF-8"]
+    if fast:
+        argv.append("--no-sync")
+    try:
+        result = subprocess.run(_unprivileged(argv), capture_output=True, text=True,
+                                timeout=DEFAULT_START_TIMEOUT, check=False)
+    finally:
+        password_file.unlink()
+    if result.returncode != 0:
+        raise RuntimeError(f"initdb of {cluster} failed: {result.stderr.strip()}")
+
+
+def postgres_process(settings: Settings, *, fast: bool = False) -> ManagedProcess:
+    """The local PostgreSQL of the service's records, in ``<data dir>/postgres``.
+
+    The cluster is created on first use. It listens on 127.0.0.1 at ``postgres_port`` and on
+    a Unix socket in ``<data dir>/postgres/run`` (left out when that path is too long for a
+    socket). ``fast`` turns durability off (no fsync): for throwaway test instances only;
+    ``triage up`` keeps PostgreSQL's defaults, since a demo stack's records may be kept.
+    """
+    root = settings.data_dir / "postgres"
+    cluster, sockets = root / "data", root / "run"
+    sockets.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not (cluster / "PG_VERSION").exists():
+        _initdb(settings, cluster, fast=fast)
+    socket_path = f"{sockets}/.s.PGSQL.{settings.postgres_port}"
+    argv = [str(POSTGRES_BIN / "postgres"), "-D", str(cluster),
+            "-p", str(settings.postgres_port),
+            "-k", str(sockets) if len(socket_path) <= _MAX_SOCKET_PATH else "",
+            "-c", "listen_addresses=127.0.0.1", "-c", "timezone=UTC", "-c", "log_timezone=UTC"]
+    for setting in POSTGRES_FAST_SETTINGS if fast else ():
+        argv += ["-c", setting]
+    return ManagedProcess(name="postgres", argv=_unprivileged(argv), stop_signal=signal.SIGINT,
+                          log_path=settings.log_dir / "postgres.log")
+
+
+def wait_for_postgres(settings: Settings, process: ManagedProcess | None = None,
+                      timeout: float = DEFAULT_START_TIMEOUT) -> None:
+    """Wait until PostgreSQL accepts connections; for the local one, then create the
+    ``triage`` database if it is missing."""
+    url = settings.database_connection_url
+    target = make_conninfo(url, dbname="postgres") if settings.local_postgres else url
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and not process.alive():
+            raise RuntimeError(f"PostgreSQL exited at start; see {process.log_path}")
+        try:
+            connection = psycopg.connect(target, autocommit=True, connect_timeout=2)
+            break
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    with connection:
+        if not settings.local_postgres:
+            return
+        database = str(conninfo_to_dict(url)["dbname"])
+        if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                              (database,)).fetchone():
+            return
+        # Another process of the stack may create it meanwhile.
+        with contextlib.suppress(psycopg.errors.DuplicateDatabase):
+            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))

@@ -2,8 +2,9 @@
 
 Every process of a stack (API, watcher, workers, the ``triage`` commands) builds the same
 ``Settings`` from the same environment and data directory, so they all talk to the same
-Orthanc and Redis. Secrets that are not given in the environment are generated once into the
-data directory (``secrets.json``, mode 0600) by the local stack and read back from there.
+Orthanc, Redis and PostgreSQL. Secrets that are not given in the environment are generated once
+into the data directory (``secrets.json``, mode 0600) by the local stack and read back from
+there.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import secrets
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -27,7 +28,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STABLE_AGE = 5
 DEFAULT_WORKERS = 2
 SECRETS_FILE = "secrets.json"
-_PLACEHOLDERS = {"", "changeme", "change-me", "password", "secret", "orthanc"}
+_PLACEHOLDERS = {"", "changeme", "change-me", "password", "secret", "orthanc", "postgres"}
 
 
 class Destination(BaseModel):
@@ -118,6 +119,11 @@ class Settings(BaseSettings):
     )
     redis_port: int = 6379
     redis_password: str | None = None
+
+    database_url: str | None = Field(
+        default=None, description="postgresql://user:password@host:port/db of the service's "
+        "records (vigilance); the local stack starts its own PostgreSQL if unset")
+    postgres_port: int = 5432
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -231,6 +237,20 @@ class Settings(BaseSettings):
             raise ValueError(f"placeholder secret {value!r} refused: set a real one")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("TRIAGE_DATABASE_URL: postgresql://user:password@host:port/db")
+        password = unquote(parts.password) if parts.password is not None else None
+        if password is not None and password.strip().lower() in _PLACEHOLDERS:
+            raise ValueError(f"placeholder secret {password!r} in TRIAGE_DATABASE_URL refused: "
+                             "set a real one")
+        return value
+
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         given = [p for p in (self.api_tls_cert, self.api_tls_key) if p is not None]
@@ -264,6 +284,10 @@ class Settings(BaseSettings):
     @property
     def local_redis(self) -> bool:
         return self.redis_url is None
+
+    @property
+    def local_postgres(self) -> bool:
+        return self.database_url is None
 
     @property
     def orthanc_base_url(self) -> str:
@@ -307,6 +331,14 @@ class Settings(BaseSettings):
         return f"redis://:{secret}@127.0.0.1:{self.redis_port}/0"
 
     @property
+    def database_connection_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        # The local PostgreSQL asks for the generated password over TCP, like the local Redis.
+        secret = quote(self.stored_secrets["postgres_password"], safe="")
+        return f"postgresql://triage:{secret}@127.0.0.1:{self.postgres_port}/triage"
+
+    @property
     def log_dir(self) -> Path:
         return self.data_dir / "logs"
 
@@ -315,7 +347,7 @@ def load_or_create_secrets(data_dir: Path) -> dict[str, str]:
     """Read ``secrets.json`` in ``data_dir``, generating any missing secret (mode 0600)."""
     path = data_dir / SECRETS_FILE
     stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
-    wanted = ("orthanc_password", "redis_password")
+    wanted = ("orthanc_password", "redis_password", "postgres_password")
     if all(stored.get(name) for name in wanted):
         return stored
     for name in wanted:

@@ -1,9 +1,10 @@
 """``triage up``: the whole local stack as child processes of one supervisor.
 
-Orthanc and Redis come from Debian's packages; the watcher, the workers and the API are
-``triage`` subcommands; two watchers run, one leading through its lease. SIGINT/SIGTERM stop
-every child (application processes first, servers last). A child that dies unexpectedly is
-restarted.
+Orthanc, Redis and PostgreSQL come from Debian's packages (each unless an external one is
+configured), and the migrations of the service's records are applied at start; the watcher, the
+workers and the API are ``triage`` subcommands; two watchers run, one leading through its
+lease. SIGINT/SIGTERM stop every child (application processes first, servers last). A child that
+dies unexpectedly is restarted.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from triage.servers import (
     DEFAULT_STOP_TIMEOUT,
     ManagedProcess,
     orthanc_process,
+    postgres_process,
     redis_process,
     wait_for_http,
     wait_for_orthanc,
+    wait_for_postgres,
     wait_for_redis,
 )
 from triage.settings import Settings
+from triage.vigilance.db import connect, migrate
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,15 @@ class Stack:
             redis_server.start()
             self.servers.append(redis_server)
             wait_for_redis(settings, redis_server)
+        if settings.local_postgres:
+            postgres = postgres_process(settings)
+            postgres.start()
+            self.servers.append(postgres)
+            wait_for_postgres(settings, postgres)
+        with connect(settings) as connection:
+            applied = migrate(connection)
+        if applied:
+            log.info("database migrations applied: %s", ", ".join(applied))
         logs = settings.log_dir
         # Two watchers: one leads, the other takes over within the lease time if it dies.
         for n in range(1, WATCHERS + 1):
