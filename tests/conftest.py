@@ -6,12 +6,15 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 import uvicorn
+from psycopg import sql
 
 from triage import jobs
 from triage.api.app import create_app
@@ -19,11 +22,14 @@ from triage.orthanc import OrthancClient
 from triage.servers import (
     ManagedProcess,
     orthanc_process,
+    postgres_process,
     redis_process,
     wait_for_orthanc,
+    wait_for_postgres,
     wait_for_redis,
 )
 from triage.settings import Settings
+from triage.vigilance.db import connect, migrate
 
 # tests/deploy builds the container images and drives the compose stack: `make test-deploy`
 # runs them (after `make test`, in .ci/run), with TRIAGE_TEST_DEPLOY=1.
@@ -130,3 +136,41 @@ def live_api(clean_servers: Servers) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
+
+
+# -- PostgreSQL of the vigilance records ---------------------------------------------------
+
+@pytest.fixture(scope="session")
+def postgres_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A local PostgreSQL as ``triage up`` starts it (durability off: a throwaway instance),
+    in a data directory private to root (pytest's)."""
+    settings = Settings(data_dir=tmp_path_factory.mktemp("pg") / "var", database_url=None,
+                        postgres_port=free_port())
+    process = postgres_process(settings, fast=True)
+    process.start()
+    try:
+        wait_for_postgres(settings, process)
+        yield settings
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def vigilance_database(postgres_local: Settings) -> Iterator[Settings]:
+    """Settings of a fresh, empty database of the local server, given as a configured URL."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_local.database_connection_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = postgres_local.database_connection_url.rsplit("/", 1)[0] + f"/{name}"
+    yield Settings(data_dir=postgres_local.data_dir, database_url=url)
+    with psycopg.connect(postgres_local.database_connection_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def vigilance_db(vigilance_database: Settings) -> Iterator[psycopg.Connection]:
+    """A connection to a fresh database with every migration applied."""
+    with connect(vigilance_database) as connection:
+        migrate(connection)
+        connection.commit()
+        yield connection

@@ -5,19 +5,15 @@ auditor would reject."""
 from __future__ import annotations
 
 import threading
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import sql
 from pydantic import ValidationError
 
 from tests.conftest import free_port
 from triage.errors import TransientError
-from triage.servers import postgres_process, wait_for_postgres
 from triage.settings import Settings
 from triage.vigilance.db import MigrationChanged, connect, migrate, migrations
 
@@ -29,56 +25,22 @@ STUDY = "1.2.826.0.1.3680043.8.498.1"
 SHA = "ab" * 32
 
 
-@pytest.fixture(scope="module")
-def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """The local PostgreSQL of a stack whose data directory is private to root (pytest's)."""
-    settings = Settings(data_dir=tmp_path_factory.mktemp("pg") / "var", database_url=None,
-                        postgres_port=free_port())
-    process = postgres_process(settings, fast=True)
-    process.start()
-    try:
-        wait_for_postgres(settings, process)
-        yield settings
-    finally:
-        process.stop()
-
-
-@pytest.fixture
-def database(local: Settings) -> Iterator[Settings]:
-    """Settings of a fresh, empty database of the local server, given as a configured URL."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(local.database_connection_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = local.database_connection_url.rsplit("/", 1)[0] + f"/{name}"
-    yield Settings(data_dir=local.data_dir, database_url=url)
-    with psycopg.connect(local.database_connection_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-@pytest.fixture
-def migrated(database: Settings) -> Iterator[psycopg.Connection]:
-    with connect(database) as connection:
-        migrate(connection)
-        connection.commit()
-        yield connection
-
-
 def tables(connection: psycopg.Connection) -> set[str]:
     rows = connection.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     return {row[0] for row in rows}
 
 
-def test_local_server_has_the_triage_database(local: Settings) -> None:
-    with connect(local) as connection:
+def test_local_server_has_the_triage_database(postgres_local: Settings) -> None:
+    with connect(postgres_local) as connection:
         row = connection.execute("SELECT current_user, current_database(), "
                                  "current_setting('server_encoding')").fetchone()
     assert row == ("triage", "triage", "UTF8")
-    assert (local.data_dir / "postgres" / "data" / "PG_VERSION").is_file()
+    assert (postgres_local.data_dir / "postgres" / "data" / "PG_VERSION").is_file()
 
 
-def test_tcp_needs_the_password(local: Settings) -> None:
+def test_tcp_needs_the_password(postgres_local: Settings) -> None:
     with pytest.raises(psycopg.OperationalError, match="password"):
-        psycopg.connect(f"postgresql://triage:wrong@127.0.0.1:{local.postgres_port}/triage")
+        psycopg.connect(f"postgresql://triage:wrong@127.0.0.1:{postgres_local.postgres_port}/triage")
 
 
 def test_unreachable_database_is_transient(tmp_path: Path) -> None:
@@ -88,9 +50,9 @@ def test_unreachable_database_is_transient(tmp_path: Path) -> None:
         connect(settings)
 
 
-def test_migrations_apply_once(database: Settings) -> None:
+def test_migrations_apply_once(vigilance_database: Settings) -> None:
     assert [name for name, _ in migrations()] == ["0001_records.sql"]
-    with connect(database) as connection:
+    with connect(vigilance_database) as connection:
         assert migrate(connection) == ["0001_records.sql"]
         assert migrate(connection) == []
         assert tables(connection) == TABLES
@@ -99,12 +61,12 @@ def test_migrations_apply_once(database: Settings) -> None:
     assert applied[0][1].utcoffset() is not None
 
 
-def test_concurrent_migrators_apply_each_migration_once(database: Settings) -> None:
+def test_concurrent_migrators_apply_each_migration_once(vigilance_database: Settings) -> None:
     start = threading.Barrier(4)
     results: list[list[str]] = []
 
     def migrator() -> None:
-        with connect(database) as connection:
+        with connect(vigilance_database) as connection:
             start.wait()
             results.append(migrate(connection))
 
@@ -115,16 +77,16 @@ def test_concurrent_migrators_apply_each_migration_once(database: Settings) -> N
         thread.join(30)
     assert len(results) == 4
     assert sorted(name for result in results for name in result) == ["0001_records.sql"]
-    with connect(database) as connection:
+    with connect(vigilance_database) as connection:
         assert tables(connection) == TABLES
         assert connection.execute("SELECT count(*) FROM schema_migrations").fetchone() == (1,)
 
 
-def test_edited_migration_is_refused(migrated: psycopg.Connection) -> None:
-    migrated.execute("UPDATE schema_migrations SET sha256 = %s", (SHA,))
-    migrated.commit()
+def test_edited_migration_is_refused(vigilance_db: psycopg.Connection) -> None:
+    vigilance_db.execute("UPDATE schema_migrations SET sha256 = %s", (SHA,))
+    vigilance_db.commit()
     with pytest.raises(MigrationChanged, match="0001_records.sql"):
-        migrate(migrated)
+        migrate(vigilance_db)
 
 
 def add_version(connection: psycopg.Connection, version: str, state: str) -> None:
@@ -132,63 +94,64 @@ def add_version(connection: psycopg.Connection, version: str, state: str) -> Non
                        " VALUES ('chest-ct', %s, %s, %s, 'admin')", (version, SHA, state))
 
 
-def test_model_version_states(migrated: psycopg.Connection) -> None:
-    with pytest.raises(psycopg.errors.CheckViolation), migrated.transaction():
-        add_version(migrated, "1.0.0", "beta")
-    add_version(migrated, "1.0.0", "active")
-    add_version(migrated, "1.1.0", "shadow")
-    with pytest.raises(psycopg.errors.UniqueViolation), migrated.transaction():
-        migrated.execute("UPDATE model_versions SET state = 'active' WHERE version = '1.1.0'")
-    migrated.execute("UPDATE model_versions SET state = 'retired', changed_by = 'qa' "
+def test_model_version_states(vigilance_db: psycopg.Connection) -> None:
+    with pytest.raises(psycopg.errors.CheckViolation), vigilance_db.transaction():
+        add_version(vigilance_db, "1.0.0", "beta")
+    add_version(vigilance_db, "1.0.0", "active")
+    add_version(vigilance_db, "1.1.0", "shadow")
+    with pytest.raises(psycopg.errors.UniqueViolation), vigilance_db.transaction():
+        vigilance_db.execute("UPDATE model_versions SET state = 'active' WHERE version = '1.1.0'")
+    vigilance_db.execute("UPDATE model_versions SET state = 'retired', changed_by = 'qa' "
                      "WHERE version = '1.0.0'")
-    history = migrated.execute("SELECT version, state, changed_by FROM model_version_changes "
+    history = vigilance_db.execute("SELECT version, state, changed_by FROM model_version_changes "
                                "ORDER BY id").fetchall()
     assert history == [("1.0.0", "active", "admin"), ("1.1.0", "shadow", "admin"),
                        ("1.0.0", "retired", "qa")]
 
 
-def test_analysis_outputs_are_consistent(migrated: psycopg.Connection) -> None:
-    add_version(migrated, "1.0.0", "active")
-    row = migrated.execute(
+def test_analysis_outputs_are_consistent(vigilance_db: psycopg.Connection) -> None:
+    add_version(vigilance_db, "1.0.0", "active")
+    row = vigilance_db.execute(
         "INSERT INTO analyses (study_uid, model_id, version, role, analysed_at, age_band, sex,"
         " slice_thickness_mm) VALUES (%s, 'chest-ct', '1.0.0', 'active', now(), '40-49', 'F',"
         " 1.25) RETURNING id", (STUDY,)).fetchone()
     assert row is not None
     insert = ("INSERT INTO analysis_outputs (analysis_id, label, code, score, threshold, flagged)"
               " VALUES (%s, %s, 'SCT:233604007', %s, 0.5, %s)")
-    migrated.execute(insert, (row[0], "pneumonia", 0.5, True))
-    with pytest.raises(psycopg.errors.CheckViolation), migrated.transaction():
-        migrated.execute(insert, (row[0], "nodule", 0.7, False))
-    with pytest.raises(psycopg.errors.CheckViolation), migrated.transaction():
-        migrated.execute("INSERT INTO analyses (study_uid, model_id, version, role, analysed_at)"
-                         " VALUES ('John^Doe', 'chest-ct', '1.0.0', 'active', now())")
+    vigilance_db.execute(insert, (row[0], "pneumonia", 0.5, True))
+    with pytest.raises(psycopg.errors.CheckViolation), vigilance_db.transaction():
+        vigilance_db.execute(insert, (row[0], "nodule", 0.7, False))
+    with pytest.raises(psycopg.errors.CheckViolation), vigilance_db.transaction():
+        vigilance_db.execute("INSERT INTO analyses (study_uid, model_id, version, role, "
+                             "analysed_at) VALUES ('John^Doe', 'chest-ct', '1.0.0', 'active', "
+                             "now())")
 
 
-def test_ground_truth_import_is_idempotent(migrated: psycopg.Connection) -> None:
+def test_ground_truth_import_is_idempotent(vigilance_db: psycopg.Connection) -> None:
     recorded = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
     insert = ("INSERT INTO ground_truth (study_uid, model_id, label, code, present, source,"
               " observer, recorded_at) VALUES (%s, %s, 'pneumonia', 'SCT:233604007', %s,"
               " %s, %s, %s) ON CONFLICT DO NOTHING")
     for model_id in (None, "chest-ct"):
         for _ in range(2):
-            migrated.execute(insert, (STUDY, model_id, True, "report", "RIS", recorded))
+            vigilance_db.execute(insert, (STUDY, model_id, True, "report", "RIS", recorded))
     # The radiologist changing their mind later is a new record, not a conflict.
     later = recorded + timedelta(hours=1)
-    migrated.execute(insert, (STUDY, "chest-ct", False, "feedback", "dr.house", later))
-    migrated.execute(insert, (STUDY, "chest-ct", False, "feedback", "dr.house", later))
-    assert migrated.execute("SELECT count(*) FROM ground_truth").fetchone() == (3,)
-    with pytest.raises(psycopg.errors.CheckViolation), migrated.transaction():
-        migrated.execute(insert, (STUDY, None, True, "rumour", "RIS", recorded))
+    vigilance_db.execute(insert, (STUDY, "chest-ct", False, "feedback", "dr.house", later))
+    vigilance_db.execute(insert, (STUDY, "chest-ct", False, "feedback", "dr.house", later))
+    assert vigilance_db.execute("SELECT count(*) FROM ground_truth").fetchone() == (3,)
+    with pytest.raises(psycopg.errors.CheckViolation), vigilance_db.transaction():
+        vigilance_db.execute(insert, (STUDY, None, True, "rumour", "RIS", recorded))
 
 
-def test_alert_acknowledgement_names_who(migrated: psycopg.Connection) -> None:
-    migrated.execute("INSERT INTO alerts (kind, model_id, detail) VALUES "
+def test_alert_acknowledgement_names_who(vigilance_db: psycopg.Connection) -> None:
+    vigilance_db.execute("INSERT INTO alerts (kind, model_id, detail) VALUES "
                      "('output-cusum', 'chest-ct', '{\"day\": \"2026-03-01\"}')")
-    with pytest.raises(psycopg.errors.CheckViolation), migrated.transaction():
-        migrated.execute("UPDATE alerts SET acknowledged_at = now()")
-    migrated.execute("UPDATE alerts SET acknowledged_at = now(), acknowledged_by = 'physicist'")
-    with pytest.raises(psycopg.errors.CheckViolation), migrated.transaction():
-        migrated.execute("INSERT INTO alerts (kind, model_id) VALUES ('hunch', 'chest-ct')")
+    with pytest.raises(psycopg.errors.CheckViolation), vigilance_db.transaction():
+        vigilance_db.execute("UPDATE alerts SET acknowledged_at = now()")
+    vigilance_db.execute("UPDATE alerts SET acknowledged_at = now(), acknowledged_by = 'physicist'")
+    with pytest.raises(psycopg.errors.CheckViolation), vigilance_db.transaction():
+        vigilance_db.execute("INSERT INTO alerts (kind, model_id) VALUES ('hunch', 'chest-ct')")
 
 
 def test_database_url_configured_or_local(tmp_path: Path) -> None:
