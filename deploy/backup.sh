@@ -36,7 +36,11 @@ while redis_cli INFO persistence | grep -q '^aof_rewrite_in_progress:1'; do
     [ "$tries" -lt 300 ] || { echo "backup: Redis is still rewriting its AOF" >&2; exit 1; }
     sleep 1
 done
-$COMPOSE exec -T redis tar -C /data -cf - appendonlydir > "$dir/redis-aof.tar"
+# The last file grows while it is read (Redis appends every second): GNU tar then says "file
+# changed as we read it" and exits 1, which is expected here; 2 is a real failure.
+$COMPOSE exec -T redis sh -c \
+    'tar --warning=no-file-changed -C /data -cf - appendonlydir; [ $? -le 1 ]' \
+    > "$dir/redis-aof.tar"
 redis_cli CONFIG SET auto-aof-rewrite-percentage "${percentage:-100}" >/dev/null
 trap - EXIT
 
@@ -47,7 +51,11 @@ $COMPOSE exec -T postgres pg_dump -U postgres --format=custom orthanc \
 
 # 3. Orthanc's storage. Files are written once and never changed, so a copy taken while
 #    Orthanc runs holds every file the index names (and perhaps a few newer ones).
-$COMPOSE exec -T orthanc tar -C /var/lib/orthanc/db -cf - . > "$dir/orthanc-storage.tar"
+# A file being written at this moment may be caught half-written (tar exits 1): the dump taken
+# before does not name it, since Orthanc indexes a file only after writing it.
+$COMPOSE exec -T orthanc sh -c \
+    'tar --warning=no-file-changed -C /var/lib/orthanc/db -cf - .; [ $? -le 1 ]' \
+    > "$dir/orthanc-storage.tar"
 
 (cd "$dir" && sha256sum redis-aof.tar postgres-orthanc.dump orthanc-storage.tar > SHA256SUMS)
 ls -l "$dir"

@@ -425,8 +425,9 @@ def test_a_restore_drill_gives_the_same_worklist_in_a_fresh_stack(site: Site) ->
     compose = " ".join([*stack.compose_command[:3], "--env-file", str(stack.env_file)])
     env = {**site.engine.env, "COMPOSE": f"{compose} -p {PROJECT}", "ENGINE": "podman"}
     started = time.monotonic()
-    subprocess.run([str(ROOT / "deploy" / "backup.sh"), str(backup)], env=env, check=True,
-                   capture_output=True, timeout=300)
+    done = subprocess.run([str(ROOT / "deploy" / "backup.sh"), str(backup)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     print(f"\nbackup: {time.monotonic() - started:.0f} s")
     assert sorted(p.name for p in backup.iterdir()) == [
         "SHA256SUMS", "orthanc-storage.tar", "postgres-orthanc.dump", "redis-aof.tar"]
