@@ -46,6 +46,8 @@ class AuditAction(str, Enum):
     SESSION_LOCKED = "session.locked"
     SIGN_IN_REFUSED = "session.sign_in_refused"
     KEY_IMAGE_VIEWED = "study.key_image_viewed"
+    OUTCOMES_IMPORTED = "vigilance.outcomes_imported"
+    MODEL_STATE_CHANGED = "vigilance.model_state_changed"
 
 
 class AuditRecord(BaseModel):

@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -302,7 +304,7 @@ def _audit_cli(connection: redis.Redis, action: AuditAction, details: dict[str, 
 
 @main.group()
 def models() -> None:
-    """Model packages: list, validate, run on files."""
+    """Model packages: list, validate, run on files; the states of their versions."""
 
 
 @models.command("list")
@@ -363,6 +365,157 @@ def models_run(model: str, paths: tuple[Path, ...]) -> None:
         raise click.ClickException("no DICOM studies found in the given paths")
     for outcome in outcomes:
         click.echo(describe(outcome))
+
+
+@models.command("versions")
+@click.argument("model", required=False)
+def models_versions(model: str | None) -> None:
+    """The registered versions of MODEL (or of every model) and the state of each."""
+    from triage.vigilance.records import versions
+
+    with _vigilance_db(Settings()) as connection:
+        rows = versions(connection, model)
+    if not rows:
+        click.echo("no registered versions" + (f" of {model}" if model else ""))
+        return
+    click.echo(f"{'MODEL':<28} {'VERSION':<12} {'STATE':<8} {'SINCE (UTC)':<17} "
+               f"{'BY':<16} SHA-256")
+    for v in rows:
+        click.echo(f"{v.model_id:<28} {v.version:<12} {v.state:<8} "
+                   f"{v.changed_at.astimezone(UTC):%Y-%m-%d %H:%M} {v.changed_by:<16} "
+                   f"{v.sha256[:12]}")
+
+
+@models.command("state")
+@click.argument("model")
+@click.argument("version")
+@click.argument("state", type=click.Choice(["shadow", "active", "retired"]))
+def models_state(model: str, version: str, state: str) -> None:
+    """Put VERSION of MODEL in STATE (active: as `promote`; shadow or retired: the model
+    may be left with no active version)."""
+    from triage.vigilance.records import set_state
+
+    _change_model_state(lambda connection, actor: set_state(connection, model, version,
+                                                            state, actor),
+                        f"{model} {version} is already {state}")
+
+
+@models.command("promote")
+@click.argument("model")
+@click.argument("version")
+def models_promote(model: str, version: str) -> None:
+    """Make VERSION the active version of MODEL; the version active until then goes to
+    shadow, so promoting it again rolls back."""
+    from triage.vigilance.records import promote
+
+    _change_model_state(lambda connection, actor: promote(connection, model, version, actor),
+                        f"{model} {version} is already active")
+
+
+def _change_model_state(change: Callable[[Any, str], list[Any]], unchanged: str) -> None:
+    """Make a change of model version states, audit each transition and print it."""
+    from triage.errors import TriageError
+
+    audit_connection = _audit_reachable()
+    actor = _os_user()
+    try:
+        with _vigilance_db(Settings()) as connection:
+            transitions = change(connection, actor)
+    except TriageError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for t in transitions:
+        _audit_cli(audit_connection, AuditAction.MODEL_STATE_CHANGED,
+                   {"model": t.model_id, "version": t.version, "old_state": t.old_state,
+                    "new_state": t.new_state, "actor": actor})
+        click.echo(f"{t.model_id} {t.version}: {t.old_state} -> {t.new_state}")
+    if not transitions:
+        click.echo(unchanged)
+
+
+def _audit_reachable() -> redis.Redis:
+    """The audit trail's Redis, checked before a change that must be audited."""
+    connection = _redis()
+    try:
+        connection.ping()
+    except redis.RedisError as exc:
+        raise click.ClickException("the audit trail (Redis) is unreachable; nothing was "
+                                   "changed") from exc
+    return connection
+
+
+@contextmanager
+def _vigilance_db(settings: Settings) -> Iterator[Any]:
+    """A connection to the vigilance records, migrated (a fresh database works)."""
+    from triage.errors import TriageError
+    from triage.vigilance.db import connect, migrate
+
+    try:
+        connection = connect(settings)
+    except TriageError as exc:
+        raise click.ClickException(str(exc)) from exc
+    with connection:
+        try:
+            migrate(connection)
+        except TriageError as exc:
+            raise click.ClickException(str(exc)) from exc
+        connection.commit()
+        yield connection
+
+
+@contextmanager
+def _study_resolver(settings: Settings) -> Iterator[Callable[[str, str], list[str]]]:
+    """Finds studies by accession number and patient ID in Orthanc."""
+    from triage.orthanc import OrthancClient
+    from triage.vigilance.records import orthanc_resolver
+
+    client = OrthancClient.from_settings(settings)
+    try:
+        yield orthanc_resolver(client)
+    finally:
+        client.close()
+
+
+@main.group()
+def outcomes() -> None:
+    """Ground truth of the vigilance: what was found in the studies."""
+
+
+@outcomes.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--source", type=click.Choice(["feedback", "report", "pathology", "follow-up"]),
+              default="report", show_default=True, help="Source of the rows that name none.")
+@click.option("--observer", default=None,
+              help="Who stated the outcomes (default: import:<file name>).")
+def outcomes_import(file: Path, source: str, observer: str | None) -> None:
+    """Import outcomes from FILE (CSV with a header row: accession_number, patient_id,
+    finding_code, present; optional source, recorded_at, label, study_instance_uid).
+
+    Each study is found in Orthanc by its accession number and patient ID together. Prints
+    what was inserted, what was already recorded, and the rejected rows with their line
+    number and reason; exits 1 when a row was rejected.
+    """
+    from triage.errors import TriageError
+    from triage.vigilance.records import import_outcomes_csv
+
+    settings = Settings()
+    audit_connection = _audit_reachable()
+    try:
+        with (_vigilance_db(settings) as connection, _study_resolver(settings) as resolve,
+              file.open(newline="", encoding="utf-8-sig") as stream):
+            report = import_outcomes_csv(connection, stream, resolve, default_source=source,
+                                         observer=observer or f"import:{file.name}")
+    except UnicodeDecodeError as exc:
+        raise click.ClickException(f"{file.name} is not UTF-8 text") from exc
+    except TriageError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _audit_cli(audit_connection, AuditAction.OUTCOMES_IMPORTED,
+               {"inserted": report.inserted, "duplicates": report.duplicates,
+                "rejected": len(report.rejected)})
+    click.echo(report.summary())
+    for line, reason in report.rejected:
+        click.echo(f"line {line}: {reason}")
+    if report.rejected:
+        sys.exit(1)
 
 
 @main.command()

@@ -8,7 +8,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from triage import __version__
 from triage.api.deps import LoopRedis
-from triage.api.routes import admin, docs, health, integration, studies, worklist
+from triage.api.routes import admin, docs, health, integration, studies, vigilance, worklist
 from triage.api.security import RequestSizeLimit, SecurityHeaders
 from triage.audit import AsyncAuditWriter
 from triage.oidc import OidcValidator
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(worklist.router)
     app.include_router(studies.router)
     app.include_router(admin.router)
+    app.include_router(vigilance.router)
     app.include_router(integration.router)
     app.include_router(render.router)
     app.include_router(signin.router)
