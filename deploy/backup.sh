@@ -1,7 +1,7 @@
 #!/bin/sh
-# Backs up a running compose stack into DIRECTORY: Redis's append-only file, a dump of
-# PostgreSQL (Orthanc's index) and Orthanc's storage (images and AI result SRs), with a
-# SHA256SUMS file. The stack keeps running; nothing is stopped.
+# Backs up a running compose stack into DIRECTORY: Redis's append-only file, dumps of
+# PostgreSQL's two databases (Orthanc's index, the service's vigilance records) and Orthanc's
+# storage (images and AI result SRs), with a SHA256SUMS file. The stack keeps running; nothing is stopped.
 #
 #   deploy/backup.sh /srv/backup/triage-$(date +%F)
 #
@@ -48,6 +48,9 @@ trap - EXIT
 #    superuser over the container's local socket.
 $COMPOSE exec -T postgres pg_dump -U postgres --format=custom orthanc \
     > "$dir/postgres-orthanc.dump"
+# The service's own records (AI vigilance): regulatory records, kept like the images.
+$COMPOSE exec -T postgres pg_dump -U postgres --format=custom triage \
+    > "$dir/postgres-triage.dump"
 
 # 3. Orthanc's storage. Files are written once and never changed, so a copy taken while
 #    Orthanc runs holds every file the index names (and perhaps a few newer ones).
@@ -57,6 +60,7 @@ $COMPOSE exec -T orthanc sh -c \
     'tar --warning=no-file-changed -C /var/lib/orthanc/db -cf - .; [ $? -le 1 ]' \
     > "$dir/orthanc-storage.tar"
 
-(cd "$dir" && sha256sum redis-aof.tar postgres-orthanc.dump orthanc-storage.tar > SHA256SUMS)
+(cd "$dir" && sha256sum redis-aof.tar postgres-orthanc.dump postgres-triage.dump \
+    orthanc-storage.tar > SHA256SUMS)
 ls -l "$dir"
 echo "backup: done in $dir"

@@ -62,4 +62,9 @@ until $COMPOSE exec -T postgres pg_isready -q -h 127.0.0.1 -U postgres >/dev/nul
 done
 $COMPOSE exec -T postgres pg_restore -U postgres -d orthanc --exit-on-error \
     < "$dir/postgres-orthanc.dump"
+# The records database is created by PostgreSQL's start (POSTGRES_RECORDS_PASSWORD).
+if [ -f "$dir/postgres-triage.dump" ]; then
+    $COMPOSE exec -T postgres pg_restore -U postgres -d triage --exit-on-error \
+        < "$dir/postgres-triage.dump"
+fi
 echo "restore: PostgreSQL loaded; start the stack: $COMPOSE up -d"

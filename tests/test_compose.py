@@ -42,14 +42,15 @@ PROJECT_IMAGES = {
     "watcher": ("triage", "deploy/Dockerfile", 10001),
 }
 # Variables of .env that are no setting of the service: they configure other containers.
-DEPLOYMENT_VARIABLES = {"TRIAGE_POSTGRES_PASSWORD", "TRIAGE_DICOM_PORT", "TRIAGE_HTTPS_PORT",
-                        "TRIAGE_CERTS_DIR"}
+DEPLOYMENT_VARIABLES = {"TRIAGE_POSTGRES_PASSWORD", "TRIAGE_DATABASE_PASSWORD",
+                        "TRIAGE_DICOM_PORT", "TRIAGE_HTTPS_PORT", "TRIAGE_CERTS_DIR"}
 
 # What a hospital writes in .env (token_urlsafe: the form deploy/env.example asks for).
 EXAMPLE_ENV = {
     "TRIAGE_ORTHANC_PASSWORD": secrets.token_urlsafe(32),
     "TRIAGE_REDIS_PASSWORD": secrets.token_urlsafe(32),
     "TRIAGE_POSTGRES_PASSWORD": secrets.token_urlsafe(32),
+    "TRIAGE_DATABASE_PASSWORD": secrets.token_urlsafe(32),
 }
 
 _REFERENCE = re.compile(
@@ -408,3 +409,17 @@ def test_missing_password_refused_outside_development(api_env: dict[str, str],
     monkeypatch.delenv("TRIAGE_ORTHANC_PASSWORD")
     with pytest.raises(ValueError, match="TRIAGE_ORTHANC_PASSWORD"):
         _ = Settings().orthanc_secret
+
+
+def test_app_services_keep_their_records_in_the_postgres_service(
+        services: dict[str, Any]) -> None:
+    postgres_env = environment(services["postgres"])
+    password = EXAMPLE_ENV["TRIAGE_DATABASE_PASSWORD"]
+    assert postgres_env["POSTGRES_RECORDS_PASSWORD"] == password
+    for name in APP_SERVICES:
+        url = urlsplit(environment(services[name])["TRIAGE_DATABASE_URL"])
+        assert (url.hostname, url.port, url.username, url.password, url.path) == (
+            "postgres", 5432, "triage", password, "/triage"), name
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+        settings = Settings(database_url=urlsplit(url.geturl()).geturl())
+        assert not settings.local_postgres

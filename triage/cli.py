@@ -155,6 +155,7 @@ def api() -> None:
 
     configure_logging("api")
     settings = Settings()
+    _migrate_records(settings)
     # Worklist pages refresh now and then: a connection idle for a while is kept rather
     # than reopened (longer than the usual 60 s idle timeout of a proxy in front).
     options: dict[str, Any] = {"host": settings.api_host, "port": settings.api_port,
@@ -169,6 +170,23 @@ def api() -> None:
     # Several processes share the port; each builds the app from the same TRIAGE_ settings.
     uvicorn.run("triage.api.app:create_app", factory=True, workers=settings.api_workers,
                 **options)
+
+
+def _migrate_records(settings: Settings) -> None:
+    """Bring the vigilance records' schema up to date (advisory-locked: any number of processes
+    may do it at once). The worklist does not depend on PostgreSQL: if it is unreachable the
+    API starts anyway, and the vigilance pages say the records are unavailable."""
+    from triage.vigilance.db import connect, migrate
+
+    try:
+        with connect(settings) as connection:
+            applied = migrate(connection)
+    except Exception as exc:  # noqa: BLE001 - any database failure only delays vigilance
+        log.warning("vigilance records not migrated (%s); the API starts without them",
+                    type(exc).__name__)
+        return
+    if applied:
+        log.info("vigilance record migrations applied: %s", ", ".join(applied))
 
 
 @main.group()

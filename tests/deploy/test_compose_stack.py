@@ -83,7 +83,8 @@ class Site:
     https_port: int
     token: str = ""
     sent: int = 0
-    patient_names: list[str] = field(default_factory=list)
+    # Every stack started, so that teardown stops each one and its healthcheck loop.
+    stacks: list[Stack] = field(default_factory=list)
 
     @property
     def dicom(self) -> SimpleNamespace:
@@ -191,6 +192,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         "TRIAGE_ORTHANC_PASSWORD": secrets.token_urlsafe(32),
         "TRIAGE_REDIS_PASSWORD": secrets.token_urlsafe(32),
         "TRIAGE_POSTGRES_PASSWORD": secrets.token_urlsafe(32),
+        "TRIAGE_DATABASE_PASSWORD": secrets.token_urlsafe(32),
         "TRIAGE_CERTS_DIR": str(certs),
         "TRIAGE_DICOM_PORT": str(dicom_port),
         "TRIAGE_HTTPS_PORT": str(https_port),
@@ -216,8 +218,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                                    "--owner", "deploy-test").decode().strip().splitlines()[-1]
         yield running
     finally:
+        started = {s.project: s for s in [stack, *running.stacks]}
         for project in (PROJECT, RESTORED):
-            Stack(engine, project, env_file).down("-v")
+            started.get(project, Stack(engine, project, env_file)).down("-v")
         engine.stop()
 
 
@@ -430,10 +433,12 @@ def test_a_restore_drill_gives_the_same_worklist_in_a_fresh_stack(site: Site) ->
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     print(f"\nbackup: {time.monotonic() - started:.0f} s")
     assert sorted(p.name for p in backup.iterdir()) == [
-        "SHA256SUMS", "orthanc-storage.tar", "postgres-orthanc.dump", "redis-aof.tar"]
+        "SHA256SUMS", "orthanc-storage.tar", "postgres-orthanc.dump", "postgres-triage.dump",
+        "redis-aof.tar"]
     stack.down()  # the old server is gone (its volumes are kept until the end of the test)
 
     restored = Stack(site.engine, RESTORED, stack.env_file)
+    site.stacks.append(restored)
     restored.start_health_loop()
     started = time.monotonic()
     done = subprocess.run([str(ROOT / "deploy" / "restore.sh"), str(backup)],
