@@ -22,6 +22,7 @@ from tests.test_api import make_item
 from triage.api.app import create_app
 from triage.audit import AUDIT_KEY, HEAD_KEY, AuditAction, record, verify
 from triage.priority import PriorityClass
+from triage.settings import Settings
 from triage.tokens import Role, create_token, revoke_token, verify_token
 from triage.worklist import Worklist
 
@@ -58,6 +59,8 @@ POLICY: dict[str, set[Role] | None] = {
     "/api/v1/admin/charts": ADMINS,
     "/api/v1/admin/deliveries": ADMINS,
     "/api/v1/admin/deliveries/retry": ADMINS,
+    "/api/v1/admin/vigilance/figures": ADMINS,
+    "/api/v1/admin/vigilance/subgroups": ADMINS,
 }
 BODIES = {
     "/api/v1/studies/{study_instance_uid}/feedback": {"findings": [], "outcomes": {}},
@@ -67,10 +70,12 @@ PARAMS = {"/api/v1/integration/results": {"accession_number": "A1"}}
 
 
 @pytest.fixture
-def app(clean_servers: Servers):
-    # Many deliberate failures below: keep the throttle out of the way of the matrix.
+def app(clean_servers: Servers, vigilance_database: Settings, vigilance_db: object):
+    # Many deliberate failures below: keep the throttle out of the way of the matrix. The
+    # vigilance routes read a real, migrated (empty) records database.
     return create_app(clean_servers.settings.model_copy(
-        update={"auth_failures_per_minute": 100_000}))
+        update={"auth_failures_per_minute": 100_000,
+                "database_url": vigilance_database.database_url}))
 
 
 def call(client: TestClient, method: str, path: str, token: str | None) -> int:

@@ -42,6 +42,7 @@ from triage.retrieval import LoadedSeries, SeriesLoader
 from triage.selection import select_series
 from triage.settings import Settings, get_settings
 from triage.uids import sr_instance_uid
+from triage.vigilance import recording
 from triage.worklist import (
     FindingItem,
     ResultItem,
@@ -128,6 +129,7 @@ def analyse_study(orthanc_id: str, study_instance_uid: str, inputs: str) -> str:
     if isinstance(status, StudyStatus):
         _measured(ctx, key, status, measurement)
     log.info("study %s %s", key, status.value if isinstance(status, StudyStatus) else status)
+    _flush_records(ctx)
     return status.value if isinstance(status, StudyStatus) else status
 
 
@@ -143,6 +145,16 @@ def _measured(ctx: WorkerContext, key: str, outcome: StudyStatus,
                              study_key=key)
     except Exception as exc:
         log.warning("study %s: metrics not recorded (%s)", key, type(exc).__name__)
+
+
+def _flush_records(ctx: WorkerContext) -> None:
+    """Move the vigilance records waiting in Redis to PostgreSQL, once the study's status
+    is final. Usually a no-op (nothing waiting, another worker flushing, or PostgreSQL backed
+    off); an error never reaches the job."""
+    try:
+        recording.flush(ctx.redis, ctx.settings)
+    except Exception as exc:
+        log.warning("vigilance records not flushed (%s)", type(exc).__name__)
 
 
 def _no_retry() -> None:
@@ -185,6 +197,7 @@ def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str, inputs: str,
     results: list[ModelResult] = []
     evidence: dict[str, pydicom.Dataset] = {}
     orthanc_ids: dict[str, str] = {}
+    headers: dict[str, tuple[pydicom.Dataset, ...]] = {}  # of each analysed series
     refused: list[tuple[str, InvalidInput]] = []
     for package, series in chosen:
         try:
@@ -201,6 +214,7 @@ def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str, inputs: str,
         for header in loaded.headers:
             evidence.setdefault(header.SOPInstanceUID, header)
         orthanc_ids.update(loaded.orthanc_ids)
+        headers[series.info.series_instance_uid] = loaded.headers
     if not results:
         if len(refused) == 1:
             raise refused[0][1]
@@ -218,7 +232,7 @@ def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str, inputs: str,
     measurement.seconds.update({Stage.SR_BUILD: built - started, Stage.STORE: stored - built})
     sr_uid = str(report.SOPInstanceUID)
     _record_results(ctx, snapshot, results, sr_uid,
-                    {"sr_build": built - started, "store": stored - built},
+                    {"sr_build": built - started, "store": stored - built}, headers,
                     note="; ".join(f"not analysed by {model}: {exc}" for model, exc in refused))
     measurement.notified_at = time.time()
     if any(d.key_images for d in ctx.settings.destinations):
@@ -317,7 +331,10 @@ def _record_series(ctx: WorkerContext, snapshot: StudySnapshot, inputs: str) -> 
 
 
 def _record_results(ctx: WorkerContext, snapshot: StudySnapshot, results: list[ModelResult],
-                    sr_uid: str, report_timings: dict[str, float], note: str = "") -> None:
+                    sr_uid: str, report_timings: dict[str, float],
+                    headers: dict[str, tuple[pydicom.Dataset, ...]], note: str = "") -> None:
+    """Put the results on the worklist, then audit them and queue their vigilance records
+    (nothing is recorded when a newer set of instances owns the worklist item)."""
     findings = [
         FindingItem(code=f.concept.value, scheme=f.concept.scheme, meaning=f.concept.meaning,
                     probability=f.probability, threshold=f.threshold, positive=f.positive,
@@ -363,4 +380,10 @@ def _record_results(ctx: WorkerContext, snapshot: StudySnapshot, results: list[M
                                   "weights_sha256": r.model.weights_sha256,
                                   "sr_sop_instance_uid": sr_uid,
                                   "series_instance_uid": r.series_instance_uid})
+        try:
+            recording.enqueue(ctx.redis, recording.build_records(
+                snapshot, results, headers, sr_uid, utcnow()))
+        except Exception as exc:  # the result is out; only its vigilance record is lost
+            log.error("study %s: vigilance record not queued (%s)",
+                      pseudonym(snapshot.study_instance_uid), type(exc).__name__)
 
