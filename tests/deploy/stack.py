@@ -203,8 +203,8 @@ class Stack:
         process.stdin.close()
         return process
 
-    def psql(self, sql: str) -> list[str]:
-        out = self.exec("postgres", "psql", "-U", "postgres", "-d", "orthanc", "-Atc", sql)
+    def psql(self, sql: str, database: str = "orthanc") -> list[str]:
+        out = self.exec("postgres", "psql", "-U", "postgres", "-d", database, "-Atc", sql)
         return out.decode().split()
 
     def published_ports(self, container: str) -> set[int]:
