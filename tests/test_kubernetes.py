@@ -53,7 +53,7 @@ COMPONENTS = {
 # The Secrets the hospital creates (deploy/README.md); none is committed.
 SECRETS = {"triage-secrets", "triage-tls", "triage-extra-env"}
 # Keys of triage-secrets (deploy/README.md, kubectl create secret generic triage-secrets).
-SECRET_KEYS = {"orthanc-password", "redis-password", "postgres-password"}
+SECRET_KEYS = {"orthanc-password", "redis-password", "postgres-password", "database-password"}
 # What Debian 12's kubectl 1.20 (kustomize v2.0.3) does not understand.
 NEWER_KUSTOMIZE_FIELDS = {"patches", "labels", "components", "replacements", "sortOptions"}
 
@@ -404,6 +404,8 @@ def test_app_environment_makes_valid_settings(overlay: str,
         assert settings.development is False
         assert settings.orthanc_secret == "k8s-orthanc-password"
         assert settings.redis_connection_url == "redis://:k8s-redis-password@redis:6379/0"
+        assert settings.database_connection_url == (
+            "postgresql://triage:k8s-database-password@postgres:5432/triage")
         assert settings.orthanc_base_url == "http://orthanc:8042"
         assert settings.api_port == 8000 and settings.api_host == "0.0.0.0"
 

@@ -172,3 +172,17 @@ def test_database_url_configured_or_local(tmp_path: Path) -> None:
 def test_database_url_refused(tmp_path: Path, url: str) -> None:
     with pytest.raises(ValidationError, match="TRIAGE_DATABASE_URL"):
         Settings(data_dir=tmp_path, database_url=url)
+
+
+def test_database_password_given_apart_from_the_url(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, database_url="postgresql://triage@db:5432/triage",
+                        database_password="s3cret/with@odd:chars")
+    assert settings.database_connection_url == (
+        "postgresql://triage:s3cret%2Fwith%40odd%3Achars@db:5432/triage")
+    # A password in the URL itself wins.
+    given = Settings(data_dir=tmp_path, database_url="postgresql://triage:inurl@db/triage",
+                     database_password="other")
+    assert given.database_connection_url == "postgresql://triage:inurl@db/triage"
+    with pytest.raises(ValidationError, match="placeholder"):
+        Settings(data_dir=tmp_path, database_url="postgresql://triage@db/triage",
+                 database_password="changeme")

@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="postgresql://user:password@host:port/db of the service's "
         "records (vigilance); the local stack starts its own PostgreSQL if unset")
+    database_password: str | None = Field(
+        default=None, description="Password for TRIAGE_DATABASE_URL when the URL carries none "
+        "(a secret kept apart from the address, as Kubernetes Secrets are)")
     postgres_port: int = 5432
 
     api_host: str = "127.0.0.1"
@@ -230,7 +233,7 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
-    @field_validator("orthanc_password", "redis_password")
+    @field_validator("orthanc_password", "redis_password", "database_password")
     @classmethod
     def _no_placeholder(cls, value: str | None) -> str | None:
         if value is not None and value.strip().lower() in _PLACEHOLDERS:
@@ -333,6 +336,11 @@ class Settings(BaseSettings):
     @property
     def database_connection_url(self) -> str:
         if self.database_url:
+            parts = urlsplit(self.database_url)
+            if self.database_password and parts.password is None and parts.username:
+                secret = quote(self.database_password, safe="")
+                host = parts.netloc.rsplit("@", 1)[1]
+                return parts._replace(netloc=f"{parts.username}:{secret}@{host}").geturl()
             return self.database_url
         # The local PostgreSQL asks for the generated password over TCP, like the local Redis.
         secret = quote(self.stored_secrets["postgres_password"], safe="")
