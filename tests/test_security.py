@@ -44,6 +44,7 @@ POLICY: dict[str, set[Role] | None] = {
     "/api/v1/studies/{study_instance_uid}/feedback": READERS,
     "/api/v1/integration/results": SYSTEMS,
     "/api/v1/integration/results/{study_instance_uid}": SYSTEMS,
+    "/api/v1/integration/outcomes": SYSTEMS,
     "/api/v1/admin/queues": ADMINS,
     "/api/v1/admin/workers": ADMINS,
     "/api/v1/admin/jobs": ADMINS,
@@ -65,6 +66,8 @@ POLICY: dict[str, set[Role] | None] = {
 BODIES = {
     "/api/v1/studies/{study_instance_uid}/feedback": {"findings": [], "outcomes": {}},
     "/api/v1/admin/tokens": {"owner": "someone", "role": "radiologist"},
+    "/api/v1/integration/outcomes": {"outcomes": [
+        {"study_instance_uid": "1.2.3.1", "finding_code": "SCT:1", "present": True}]},
 }
 PARAMS = {"/api/v1/integration/results": {"accession_number": "A1"}}
 

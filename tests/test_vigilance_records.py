@@ -347,3 +347,44 @@ def test_cli_models_promote_and_state(cli_env: Servers) -> None:
     ]
     assert all(entry["actor"] == entry["details"]["actor"] and entry["role"] == "cli"
                for entry in entries)
+
+
+def test_integration_api_records_report_outcomes(clean_servers: Servers,
+                                                 vigilance_database: Settings,
+                                                 vigilance_db: psycopg.Connection) -> None:
+    """POST /api/v1/integration/outcomes: the same rules as the file import, for a RIS."""
+    from fastapi.testclient import TestClient
+
+    from triage.api.app import create_app
+    from triage.tokens import Role, create_token
+
+    uids = {}
+    for key, accession, patient_id in (("p", "ACC7", "PAT-P"), ("q", "ACC7", "PAT-Q")):
+        data, uids[key] = ct_study(accession, patient_id, key)
+        clean_servers.orthanc.store(data)
+    client = TestClient(create_app(clean_servers.settings.model_copy(
+        update={"database_url": vigilance_database.database_url})))
+    token = create_token(clean_servers.redis, role=Role.INTEGRATION, owner="ris")
+    body = {"outcomes": [
+        {"accession_number": "ACC7", "patient_id": "PAT-P", "finding_code": "SCT:1386000",
+         "present": True, "recorded_at": "2026-11-30T08:00:00Z"},
+        {"accession_number": "ACC7", "patient_id": "PAT-Z", "finding_code": "SCT:1386000",
+         "present": False},
+        {"study_instance_uid": uids["q"], "finding_code": "SCT:1386000", "present": False,
+         "recorded_at": "2026-11-30T08:00:00+01:00"},
+    ]}
+    headers = {"Authorization": f"Bearer {token}"}
+    first = client.post("/api/v1/integration/outcomes", json=body, headers=headers)
+    assert first.status_code == 200, first.text
+    assert first.json() == {"inserted": 2, "duplicates": 0, "rejected": [
+        {"index": 1, "reason": "no study with this accession number and patient ID"}]}
+    again = client.post("/api/v1/integration/outcomes", json=body, headers=headers).json()
+    assert (again["inserted"], again["duplicates"]) == (0, 2)
+    rows = vigilance_db.execute("SELECT study_uid, present, source, observer FROM ground_truth "
+                                "ORDER BY study_uid").fetchall()
+    assert sorted(rows) == sorted([(uids["p"], True, "report", "integration:ris"),
+                                   (uids["q"], False, "report", "integration:ris")])
+    assert len(audited(clean_servers, "vigilance.outcomes_imported")) == 2
+    radiologist = create_token(clean_servers.redis, role=Role.RADIOLOGIST, owner="dr")
+    assert client.post("/api/v1/integration/outcomes", json=body, headers={
+        "Authorization": f"Bearer {radiologist}"}).status_code == 403

@@ -164,7 +164,10 @@ def test_token_sign_in_live_worklist_and_key_image(stack: Stack, browser: Browse
 
         # The idle lock (here: the Lock button) hides patient data and ends access until the
         # same user signs in again.
-        page.click("#lock-now")
+        # The screen locks at once; the session ends when the lock request is answered.
+        with page.expect_response(lambda r: r.url.endswith("/session/lock")) as ended:
+            page.click("#lock-now")
+        assert ended.value.ok
         expect(page.locator("#lock-screen")).to_be_visible()
         assert "DEMO" not in page.locator("body").inner_text()
         locked = page.request.get(stack.base + "/api/v1/worklist")

@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(studies.router)
     app.include_router(admin.router)
     app.include_router(vigilance.router)
+    app.include_router(vigilance.outcomes_router)
     app.include_router(integration.router)
     app.include_router(render.router)
     app.include_router(signin.router)

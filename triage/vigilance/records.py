@@ -418,6 +418,16 @@ def import_outcomes_csv(conn: Connection, stream: TextIO, resolve: Resolver, *,
     ``RecordError`` when the header row lacks a required column, and lets an error of
     ``resolve`` (the image server unreachable) end the import with nothing recorded.
     """
+    return import_outcome_rows(conn, _rows(stream), resolve, default_source=default_source,
+                               observer=observer)
+
+
+def import_outcome_rows(conn: Connection, rows: Iterable[tuple[int, dict[str, str]]],
+                        resolve: Resolver, *, default_source: str = "report",
+                        observer: str) -> ImportReport:
+    """Import outcomes given as (position, values by column name) with the columns and rules
+    of ``import_outcomes_csv``; the position (a line number, or an index in a request) names
+    a refused row in the report."""
     if default_source not in SOURCES:
         raise RecordError(f"source must be one of {', '.join(SOURCES)}")
     if not observer.strip():
@@ -425,7 +435,7 @@ def import_outcomes_csv(conn: Connection, stream: TextIO, resolve: Resolver, *,
     report = ImportReport()
     imported_at = datetime.now(UTC)
     with conn.transaction():
-        for line, row in _rows(stream):
+        for line, row in rows:
             try:
                 outcome, timed = _outcome_of(row, resolve, default_source=default_source,
                                              observer=observer, imported_at=imported_at)

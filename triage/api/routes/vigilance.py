@@ -9,11 +9,12 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, TypeVar
 
 import psycopg
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from psycopg.rows import TupleRow
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from triage.api.deps import AdminDep, SettingsDep
+from triage.api.deps import AdminDep, IntegrationDep, SettingsDep, audit
+from triage.audit import AuditAction
 from triage.errors import TransientError
 from triage.settings import Settings
 from triage.vigilance.db import connect
@@ -27,6 +28,8 @@ from triage.vigilance.figures import (
 )
 
 router = APIRouter(prefix="/api/v1/admin/vigilance", tags=["vigilance"])
+# Outcomes from a RIS or reporting system: the integration role.
+outcomes_router = APIRouter(tags=["integration"])
 
 # The period shown when none is asked for: the last 30 days, today included.
 DEFAULT_PERIOD_DAYS = 30
@@ -175,3 +178,68 @@ def get_subgroups(_admin: AdminDep, settings: SettingsDep, model: ModelQuery,
     found = _read(settings, model, version, lambda connection, chosen: subgroups(
         connection, model, chosen, first, last, min_count=min_count))
     return [SubgroupOut.model_validate(cell) for cell in found]
+
+
+class OutcomeIn(BaseModel):
+    """One outcome of a final report: the study by accession number and Patient ID together
+    (or by its Study Instance UID), the finding and whether it was present."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accession_number: str = Field(default="", max_length=16)
+    patient_id: str = Field(default="", max_length=64)
+    study_instance_uid: str = Field(default="", max_length=64)
+    finding_code: str = Field(max_length=80, description='"scheme:value", e.g. "SCT:233604007"')
+    present: bool
+    source: str = Field(default="report", max_length=16,
+                        description="report, pathology, follow-up or feedback")
+    recorded_at: datetime | None = Field(
+        default=None, description="When it was stated, with its UTC offset; now when absent")
+    label: str = Field(default="", max_length=64)
+
+
+class OutcomesIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    outcomes: list[OutcomeIn] = Field(min_length=1, max_length=1000)
+
+
+class RejectedOut(BaseModel):
+    index: int
+    reason: str
+
+
+class OutcomesOut(BaseModel):
+    inserted: int
+    duplicates: int
+    rejected: list[RejectedOut]
+
+
+@outcomes_router.post("/api/v1/integration/outcomes", response_model=OutcomesOut,
+                      responses={503: {"description": "PostgreSQL or Orthanc unreachable"}})
+def import_outcomes(body: OutcomesIn, request: Request, user: IntegrationDep,
+                    settings: SettingsDep) -> OutcomesOut:
+    """Record outcomes from final reports as ground truth, as `triage outcomes import` does
+    for a file: each outcome is recorded or refused on its own (refused ones by their index,
+    with a reason free of patient data), and sending the same outcomes again records nothing
+    new."""
+    from triage.vigilance.records import import_outcome_rows, orthanc_resolver
+
+    rows = [(index, {
+        "accession_number": o.accession_number.strip(), "patient_id": o.patient_id.strip(),
+        "study_instance_uid": o.study_instance_uid.strip(), "finding_code": o.finding_code,
+        "present": "yes" if o.present else "no", "source": o.source,
+        "recorded_at": o.recorded_at.isoformat() if o.recorded_at else "",
+        "label": o.label.strip()}) for index, o in enumerate(body.outcomes)]
+    with _records(settings) as connection:
+        try:
+            report = import_outcome_rows(connection, rows, orthanc_resolver(settings),
+                                         observer=f"integration:{user.owner}")
+        except TransientError as error:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                                "Orthanc unreachable: no outcome recorded") from error
+    audit(request, user, AuditAction.OUTCOMES_IMPORTED,
+          details={"inserted": report.inserted, "duplicates": report.duplicates,
+                   "rejected": len(report.rejected), "via": "integration"})
+    return OutcomesOut(inserted=report.inserted, duplicates=report.duplicates,
+                       rejected=[RejectedOut(index=i, reason=r) for i, r in report.rejected])
