@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import free_port  # noqa: F401 - the suite's own, used by the deploy tests
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 PROBE = Path(__file__).with_name("probe.py")
@@ -216,13 +218,6 @@ def write_env(path: Path, values: dict[str, str]) -> None:
     """An .env file as deploy/env.example asks for (single quotes keep JSON literal)."""
     path.write_text("".join(f"{key}='{value}'\n" for key, value in values.items()))
     path.chmod(0o600)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def terminal(items: Sequence[dict[str, Any]], studies: Sequence[str]) -> bool:
