@@ -412,7 +412,10 @@ def test_a_lock_in_one_tab_locks_every_tab(stack: Stack, browser: Browser) -> No
         second = context.new_page()
         second.goto(stack.base + "/")
         expect(second.locator("#rows")).to_be_visible()
-        first.click("#lock-now")
+        # Every tab locks at once; the session ends when the lock request is answered.
+        with first.expect_response(lambda r: r.url.endswith("/session/lock")) as ended:
+            first.click("#lock-now")
+        assert ended.value.ok
         expect(second.locator("#lock-screen")).to_be_visible()
         assert second.locator("#rows").count() == 0  # its patient data is gone too
         assert second.request.get(stack.base + "/api/v1/worklist").status == 401
