@@ -1,6 +1,7 @@
 """What the service knows of a study in Orthanc before it analyses it.
 
-A snapshot lists the study's source series (everything but the SRs the service wrote itself)
+A snapshot lists the study's source series (everything but the series the service wrote
+itself: AI result SRs, key images, radiologists' assessments)
 and a fingerprint of its source instances. Orthanc identifiers are hashes of the DICOM UIDs, so
 the fingerprint is stable across restarts and re-imports, and it changes when a late instance
 arrives, which is what triggers a re-analysis.
@@ -14,7 +15,7 @@ from typing import Any
 
 from triage.orthanc import OrthancClient, orthanc_time
 from triage.selection import SeriesInfo, series_info
-from triage.uids import fingerprint, key_image_series_uid, sr_series_uid
+from triage.uids import assessment_series_uid, fingerprint, own_series_uids, sr_series_uid
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class StudySnapshot:
     received_at: datetime | None = None
     # Instances of the SRs the service wrote into this study earlier.
     own_sr_ids: tuple[str, ...] = ()
+    # Instances of the radiologists' assessment SRs (``triage.vigilance.assessment``).
+    assessment_ids: tuple[str, ...] = ()
     # The second and third identifiers reading rooms show beside the name and ID.
     patient_birth_date: str = ""
     patient_sex: str = ""
@@ -85,17 +88,20 @@ def snapshot_study(orthanc: OrthancClient, orthanc_id: str, *, details: bool = F
     patient = study.get("PatientMainDicomTags", {})
     study_uid = tags.get("StudyInstanceUID", "") if study_instance_uid is None else (
         study_instance_uid)
-    own_series = str(sr_series_uid(study_uid))
-    # The key images the service stores are its own output too, never analysis input.
-    key_images = str(key_image_series_uid(study_uid))
+    results = str(sr_series_uid(study_uid))
+    assessments = str(assessment_series_uid(study_uid))
+    # Key images and assessments the service stores are its own output too, never input.
+    own_series = own_series_uids(study_uid)
     series = []
     own_sr_ids: list[str] = []
+    assessment_ids: list[str] = []
     for raw in orthanc.study_series(orthanc_id):
         series_uid = raw.get("MainDicomTags", {}).get("SeriesInstanceUID")
-        if series_uid == own_series:
+        if series_uid == results:
             own_sr_ids += raw.get("Instances", [])
-            continue
-        if series_uid == key_images:
+        elif series_uid == assessments:
+            assessment_ids += raw.get("Instances", [])
+        if series_uid in own_series:
             continue
         first_tags = None
         if details and raw.get("Instances"):
@@ -124,6 +130,7 @@ def snapshot_study(orthanc: OrthancClient, orthanc_id: str, *, details: bool = F
         calling_aet=calling_aet,
         received_at=received_at,
         own_sr_ids=tuple(own_sr_ids),
+        assessment_ids=tuple(assessment_ids),
         patient_birth_date=str(patient.get("PatientBirthDate", "")),
         patient_sex=str(patient.get("PatientSex", "")),
         patient_age=str(first.get("PatientAge", "") or ""),

@@ -27,7 +27,12 @@ Finally the watcher's cursor is set to the last change Orthanc had logged when t
 started, so the watcher does not queue the indexed studies again; changes logged during the
 rebuild are still read, and the deterministic job ids make those re-reads no-ops.
 
-What Orthanc does not hold cannot come back: claims, reads and feedback of radiologists,
+The radiologists' feedback comes back from the assessment SRs in each study
+(``triage.vigilance.assessment``): each item's feedback list is rebuilt from them, oldest
+first, and their ground truth is recorded again in PostgreSQL (rows already there are left
+as they are; PostgreSQL unreachable is logged and leaves the worklist rebuilt).
+
+What Orthanc does not hold cannot come back: claims and reads of radiologists,
 anti-starvation promotions (the watcher promotes overdue studies again on its next round) and
 the per-step timings of the analyses.
 """
@@ -56,8 +61,15 @@ from triage.registry import ModelPackage, ModelRegistry
 from triage.settings import Settings
 from triage.uids import job_id as make_job_id
 from triage.uids import sr_instance_uid
+from triage.vigilance.assessment import (
+    Assessment,
+    AssessmentError,
+    read_assessment,
+    record_truth,
+)
 from triage.watcher import CURSOR_KEY, UNSTABLE_KEY, Watcher
 from triage.worklist import (
+    FeedbackRecord,
     FindingItem,
     ResultItem,
     SeriesItem,
@@ -84,13 +96,16 @@ class ReindexReport:
     not_stable: int = 0
     without_images: int = 0
     unreadable: int = 0
+    assessments: int = 0
+    ground_truth: int = 0
 
     def summary(self) -> str:
         return (f"{self.studies} studies: {self.analysed_from_sr} analysed (rebuilt from their "
                 f"SR), {self.queued} queued for analysis ({self.late_images} with images newer "
                 f"than their SR), {self.unchanged} already on the worklist, {self.not_stable} "
                 f"still receiving images (left to the watcher), {self.without_images} without "
-                f"images, {self.unreadable} unreadable")
+                f"images, {self.unreadable} unreadable; {self.assessments} assessments read, "
+                f"{self.ground_truth} ground-truth rows recorded again")
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -138,10 +153,11 @@ def reindex(settings: Settings, orthanc: OrthancClient, connection: redis.Redis,
     watcher = Watcher(settings, orthanc, connection)
     last = orthanc.last_change()
     report = ReindexReport()
+    assessments: list[Assessment] = []
     for study_id in orthanc.studies():
         report.studies += 1
         try:
-            _reindex_study(watcher, registry, study_id, last, report)
+            _reindex_study(watcher, registry, study_id, last, report, assessments)
         except (TransientError, redis.ConnectionError, redis.TimeoutError):
             raise
         except StudyGone:
@@ -151,23 +167,37 @@ def reindex(settings: Settings, orthanc: OrthancClient, connection: redis.Redis,
             log.exception("study %s could not be rebuilt; moving on", study_id)
             report.unreadable += 1
     connection.set(CURSOR_KEY, last)
+    report.assessments = len(assessments)
+    report.ground_truth = record_truth(settings, assessments, via="reindex") or 0
     log.info("worklist rebuilt: %s", report.summary())
     return report
 
 
 def _reindex_study(watcher: Watcher, registry: ModelRegistry, study_id: str, last_change: int,
-                   report: ReindexReport) -> None:
-    if not watcher.orthanc.study(study_id).get("IsStable", True):
+                   report: ReindexReport, assessments: list[Assessment]) -> None:
+    stable = watcher.orthanc.study(study_id).get("IsStable", True)
+    if not stable:
         # Its StableStudy change is still to come, after the cursor; should Orthanc restart
         # first, the watcher's sweep finds it among the studies it remembers.
         watcher.redis.hsetnx(UNSTABLE_KEY, study_id, last_change)
-        report.not_stable += 1
-        return
     snapshot = snapshot_study(watcher.orthanc, study_id, first_instance=True)
     if not snapshot.series:
-        report.without_images += 1  # only SRs of ours: nothing to analyse, as in the watcher
+        if stable:
+            report.without_images += 1  # only SRs of ours: nothing to analyse
+        else:
+            report.not_stable += 1
         return
     read = _latest_readable_report(watcher.orthanc, snapshot)
+    if not stable and (read is None or read.sop_instance_uid != str(sr_instance_uid(
+            snapshot.study_instance_uid, read.model_keys, snapshot.inputs))):
+        # Images still arriving: the watcher queues the study once it is complete. A study
+        # whose SR covers its images now is rebuilt at once: what made it unstable was an
+        # object of the service's own (an assessment SR, say), which the watcher ignores.
+        report.not_stable += 1
+        return
+    found = _read_assessments(watcher.orthanc, snapshot)
+    assessments += found
+    feedback = feedback_of(found)
     if read is None:
         _count_queued(report, watcher.queue_study(snapshot))
         return
@@ -176,6 +206,7 @@ def _reindex_study(watcher: Watcher, registry: ModelRegistry, study_id: str, las
     if read.sop_instance_uid != str(current_uid):
         # The SR reports on another set of instances: keep its findings, analyse again.
         rebuilt = analysed_item(snapshot, read, registry, clinical, job_id="", inputs="")
+        rebuilt = rebuilt.model_copy(update={"feedback": feedback})
         watcher.worklist.upsert(snapshot.study_instance_uid,
                                 lambda existing: rebuilt if existing is None else None,
                                 event="rebuilt")
@@ -186,6 +217,7 @@ def _reindex_study(watcher: Watcher, registry: ModelRegistry, study_id: str, las
     job_id = make_job_id(snapshot.study_instance_uid, snapshot.inputs)
     rebuilt = analysed_item(snapshot, read, registry, clinical, job_id=job_id,
                             inputs=snapshot.inputs)
+    rebuilt = rebuilt.model_copy(update={"feedback": feedback})
     stored = watcher.worklist.upsert(snapshot.study_instance_uid,
                                      lambda existing: _merge(existing, rebuilt),
                                      event="rebuilt")
@@ -233,6 +265,25 @@ def clinical_of(settings: Settings, snapshot: StudySnapshot) -> ClinicalPriority
 
 
 # -- reading the SRs back -------------------------------------------------------------------
+
+def _read_assessments(orthanc: OrthancClient, snapshot: StudySnapshot) -> list[Assessment]:
+    """The radiologists' assessment SRs in the study, read back; an unreadable one is
+    logged and left out."""
+    found = []
+    for instance in snapshot.assessment_ids:
+        try:
+            found.append(read_assessment(orthanc.instance_dataset(instance)))
+        except AssessmentError as exc:
+            log.warning("study %s: an assessment SR cannot be read back (%s)",
+                        pseudonym(snapshot.study_instance_uid), exc)
+    return found
+
+
+def feedback_of(assessments: Sequence[Assessment]) -> list[FeedbackRecord]:
+    """The worklist's feedback list of a study, oldest first, from its assessments."""
+    ordered = sorted(assessments, key=lambda a: (a.at, a.sop_instance_uid))
+    return [a.feedback_record() for a in ordered]
+
 
 def _latest_readable_report(orthanc: OrthancClient, snapshot: StudySnapshot
                             ) -> ReadReport | None:

@@ -38,6 +38,25 @@ def key_image_series_uid(study_instance_uid: str) -> UID:
     return derived_uid("key-image-series", study_instance_uid)
 
 
+def assessment_series_uid(study_instance_uid: str) -> UID:
+    """The series that holds the radiologists' assessments of the AI results in a study."""
+    return derived_uid("assessment-series", study_instance_uid)
+
+
+def own_series_uids(study_instance_uid: str) -> frozenset[str]:
+    """Every series the service writes into a study (AI results, key images, assessments):
+    never analysis input, and storing into them never makes the study new again."""
+    return frozenset({str(sr_series_uid(study_instance_uid)),
+                      str(key_image_series_uid(study_instance_uid)),
+                      str(assessment_series_uid(study_instance_uid))})
+
+
+def assessment_instance_uid(study_instance_uid: str, user: str, at: str) -> UID:
+    """The assessment SR of one feedback: the study, who gave it and when (ISO 8601), so that
+    storing the same feedback again writes the same instance."""
+    return derived_uid("assessment", study_instance_uid, user, at)
+
+
 def sr_instance_uid(study_instance_uid: str, model_keys: Iterable[str], inputs: str) -> UID:
     """The SR of one analysis: study, the models (``id@version``) and the input fingerprint."""
     return derived_uid("sr", study_instance_uid, *sorted(model_keys), inputs)

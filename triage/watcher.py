@@ -39,7 +39,7 @@ from triage.queues import QueueName, enqueue_analysis, job_pending
 from triage.recovery import recover_abandoned
 from triage.settings import Settings
 from triage.uids import job_id as make_job_id
-from triage.uids import key_image_series_uid, sr_series_uid
+from triage.uids import own_series_uids
 from triage.worklist import StudyStatus, Worklist, WorklistItem, utcnow
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,8 @@ class Watcher:
 
     def _arrived(self, instance_ids: list[str]) -> set[str]:
         """Orthanc ids of the studies that received ``instance_ids``, leaving out the
-        service's own SRs and key images (storing them must not restart the clock)."""
+        service's own series: SRs, key images and assessments (storing them must not restart
+        the clock)."""
         if not instance_ids:
             return set()
         series = self.orthanc.bulk_content(instance_ids, level="Series")
@@ -226,7 +227,7 @@ class Watcher:
         studies = set()
         for one in series:
             study_uid = self._study_uids.get(one["ParentStudy"], "")
-            own = {str(sr_series_uid(study_uid)), str(key_image_series_uid(study_uid))}
+            own = own_series_uids(study_uid)
             if one.get("MainDicomTags", {}).get("SeriesInstanceUID") not in own:
                 studies.add(one["ParentStudy"])
         return studies

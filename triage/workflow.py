@@ -100,20 +100,37 @@ def mark_read(worklist: Worklist, uid: str, user: str) -> WorklistItem:
     return _change(worklist, uid, change, "read")
 
 
-def add_feedback(worklist: Worklist, connection: redis.Redis, uid: str, user: str,
-                 feedback: Feedback) -> FeedbackRecord:
-    """Store ``feedback`` on the study and in the append-only feedback log."""
-    record = FeedbackRecord(study_instance_uid=uid, user=user, at=utcnow(),
-                            **feedback.model_dump())
-
-    def change(item: WorklistItem) -> WorklistItem:
-        known = {(f.model, f.model_version, f.code) for f in item.findings}
-        unknown = [v for v in feedback.findings
-                   if (v.model, v.model_version, v.code) not in known]
-        if unknown:
-            v = unknown[0]
+def check_feedback(item: WorklistItem, feedback: Feedback) -> None:
+    """Raise ``InvalidFeedback`` when ``feedback`` names a finding the study does not have
+    (a verdict on an unknown model finding, an outcome for a code no finding has) or gives
+    two verdicts on one finding."""
+    known = {(f.model, f.model_version, f.code) for f in item.findings}
+    seen: set[tuple[str, str, str]] = set()
+    for v in feedback.findings:
+        key = (v.model, v.model_version, v.code)
+        if key not in known:
             raise InvalidFeedback(f"no finding {v.code} of {v.model} {v.model_version} "
                                   "on this study")
+        if key in seen:
+            raise InvalidFeedback(f"two verdicts on finding {v.code} of {v.model} "
+                                  f"{v.model_version}")
+        seen.add(key)
+    codes = {f.code for f in item.findings}
+    for code in feedback.outcomes:
+        if code not in codes:
+            raise InvalidFeedback(f"no finding {code} on this study")
+
+
+def add_feedback(worklist: Worklist, connection: redis.Redis, uid: str, user: str,
+                 feedback: Feedback, *, at: datetime | None = None,
+                 sr_sop_instance_uid: str | None = None) -> FeedbackRecord:
+    """Store ``feedback`` on the study and in the append-only feedback log; ``at`` (default
+    now) is when it was given, ``sr_sop_instance_uid`` the assessment SR that holds it."""
+    record = FeedbackRecord(study_instance_uid=uid, user=user, at=at or utcnow(),
+                            sr_sop_instance_uid=sr_sop_instance_uid, **feedback.model_dump())
+
+    def change(item: WorklistItem) -> WorklistItem:
+        check_feedback(item, feedback)
         return item.model_copy(update={"feedback": [*item.feedback, record]})
 
     _change(worklist, uid, change, "feedback")

@@ -85,6 +85,8 @@ class FeedbackRecord(Feedback):
     study_instance_uid: str
     user: str
     at: datetime
+    sr_sop_instance_uid: str | None = Field(
+        default=None, description="The assessment SR stored in the study for this feedback")
 
 
 class DeliveryStatus(str, Enum):

@@ -25,18 +25,18 @@ from starlette.concurrency import run_in_threadpool
 from triage.api.deps import audit, client_address, session_user
 from triage.api.routes.studies import _detail
 from triage.audit import AuditAction
-from triage.errors import TriageError
+from triage.errors import TransientError, TriageError
 from triage.keyimage import render_png
 from triage.manifest import Manifest, load_manifest
 from triage.orthanc import OrthancClient
 from triage.priority import PriorityClass
 from triage.tokens import Role, TokenRecord
 from triage.uids import sr_series_uid
+from triage.vigilance.assessment import AssessmentError, give_feedback
 from triage.workflow import (
     ClaimConflict,
     InvalidFeedback,
     StudyNotFound,
-    add_feedback,
     claim,
     mark_read,
     release,
@@ -339,12 +339,16 @@ async def study_feedback(study_instance_uid: str, request: Request) -> Response:
                     **_study_context(request, user, item))
     feedback = Feedback(findings=verdicts, outcomes=outcomes)
     try:
-        await run_in_threadpool(add_feedback, Worklist(request.app.state.redis),
-                                request.app.state.redis, study_instance_uid, user.owner,
-                                feedback)
+        await run_in_threadpool(give_feedback, request.app.state.settings,
+                                Worklist(request.app.state.redis), request.app.state.redis,
+                                _orthanc(request), study_instance_uid, user.owner, feedback)
     except StudyNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "study not on the worklist") from exc
-    except InvalidFeedback as exc:
+    except TransientError:
+        return page(request, "feedback.html", status_code=503, conflict=True,
+                    message="The image server cannot be reached: nothing was saved. "
+                    "Try again in a moment.", **_study_context(request, user, item))
+    except (InvalidFeedback, AssessmentError) as exc:
         return page(request, "feedback.html", status_code=422, message=str(exc),
                     conflict=True, **_study_context(request, user, item))
     await run_in_threadpool(audit, request, user, AuditAction.FEEDBACK_RECORDED,

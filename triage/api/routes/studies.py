@@ -9,13 +9,15 @@ from fastapi import APIRouter, HTTPException, Request, status
 
 from triage.api.deps import ReaderDep, RedisDep, SettingsDep, WorklistDep, audit
 from triage.audit import AuditAction
+from triage.errors import TransientError
+from triage.orthanc import OrthancClient
 from triage.settings import Settings
 from triage.tokens import Role, TokenRecord
+from triage.vigilance.assessment import AssessmentError, give_feedback
 from triage.workflow import (
     ClaimConflict,
     InvalidFeedback,
     StudyNotFound,
-    add_feedback,
     claim,
     mark_read,
     release,
@@ -99,16 +101,31 @@ def read_study(study_instance_uid: str, request: Request, user: ReaderDep,
                 lambda: mark_read(worklist, study_instance_uid, user.owner))
 
 
+def _orthanc(request: Request, settings: Settings) -> OrthancClient:
+    client = getattr(request.app.state, "orthanc", None)
+    if client is None:
+        client = request.app.state.orthanc = OrthancClient.from_settings(settings)
+    return client
+
+
 @router.post("/{study_instance_uid}/feedback", response_model=FeedbackRecord,
-             status_code=status.HTTP_201_CREATED)
+             status_code=status.HTTP_201_CREATED,
+             responses={503: {"description": "Orthanc unreachable: nothing recorded"}})
 def feedback(study_instance_uid: str, body: Feedback, request: Request, user: ReaderDep,
-             worklist: WorklistDep, connection: RedisDep) -> FeedbackRecord:
+             worklist: WorklistDep, connection: RedisDep,
+             settings: SettingsDep) -> FeedbackRecord:
     """Agree or disagree with each AI finding, and record whether each finding is present
-    in the final read; kept for monitoring the models' performance."""
+    in the final read; kept for monitoring the models' performance. The assessment is
+    stored in the study as a DICOM SR (docs/assessment-sr.md) and as ground truth in the
+    vigilance records."""
     try:
-        stored = add_feedback(worklist, connection, study_instance_uid, user.owner, body)
-    except (StudyNotFound, InvalidFeedback) as exc:
+        stored = give_feedback(settings, worklist, connection, _orthanc(request, settings),
+                               study_instance_uid, user.owner, body)
+    except (StudyNotFound, InvalidFeedback, AssessmentError) as exc:
         raise _translate(exc) from exc
+    except TransientError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            "Orthanc unreachable: feedback not recorded") from exc
     audit(request, user, AuditAction.FEEDBACK_RECORDED, study_instance_uid=study_instance_uid,
           details=body.model_dump(mode="json"))
     return stored
