@@ -20,7 +20,9 @@ from triage.vigilance.db import MigrationChanged, connect, migrate, migrations
 pytestmark = pytest.mark.servers
 
 TABLES = {"schema_migrations", "model_versions", "model_version_changes", "analyses",
-          "analysis_outputs", "ground_truth", "baselines", "alerts"}
+          "analysis_outputs", "ground_truth", "baselines", "alerts", "trail", "arrivals",
+          "alert_notifications"}
+SHIPPED = ["0001_records.sql", "0002_trail.sql", "0003_drift.sql"]
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SHA = "ab" * 32
 
@@ -51,13 +53,13 @@ def test_unreachable_database_is_transient(tmp_path: Path) -> None:
 
 
 def test_migrations_apply_once(vigilance_database: Settings) -> None:
-    assert [name for name, _ in migrations()] == ["0001_records.sql"]
+    assert [name for name, _ in migrations()] == SHIPPED
     with connect(vigilance_database) as connection:
-        assert migrate(connection) == ["0001_records.sql"]
+        assert migrate(connection) == SHIPPED
         assert migrate(connection) == []
         assert tables(connection) == TABLES
         applied = connection.execute("SELECT name, applied_at FROM schema_migrations").fetchall()
-    assert [name for name, _ in applied] == ["0001_records.sql"]
+    assert [name for name, _ in applied] == SHIPPED
     assert applied[0][1].utcoffset() is not None
 
 
@@ -76,10 +78,11 @@ def test_concurrent_migrators_apply_each_migration_once(vigilance_database: Sett
     for thread in threads:
         thread.join(30)
     assert len(results) == 4
-    assert sorted(name for result in results for name in result) == ["0001_records.sql"]
+    assert sorted(name for result in results for name in result) == SHIPPED
     with connect(vigilance_database) as connection:
         assert tables(connection) == TABLES
-        assert connection.execute("SELECT count(*) FROM schema_migrations").fetchone() == (1,)
+        count = connection.execute("SELECT count(*) FROM schema_migrations").fetchone()
+        assert count == (len(SHIPPED),)
 
 
 def test_edited_migration_is_refused(vigilance_db: psycopg.Connection) -> None:

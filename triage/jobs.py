@@ -10,7 +10,9 @@ import io
 import logging
 import os
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -19,7 +21,7 @@ import pydicom
 import redis
 from rq import get_current_job
 
-from triage import audit, delivery, metrics
+from triage import audit, delivery, metrics, queues
 from triage.errors import (
     InvalidInput,
     OutOfScope,
@@ -36,14 +38,17 @@ from triage.memory import tune_for_images
 from triage.metrics import Stage, StudyMeasurement
 from triage.orthanc import OrthancClient
 from triage.priority import highest
-from triage.registry import ModelPackage, ModelRegistry
+from triage.recovery import alive_key
+from triage.registry import BackgroundPackage, ModelPackage, ModelRegistry
 from triage.report import build_report
 from triage.retrieval import LoadedSeries, SeriesLoader
 from triage.selection import select_series
 from triage.settings import Settings, get_settings
 from triage.uids import sr_instance_uid
-from triage.vigilance import recording
+from triage.vigilance import clock, recording
+from triage.vigilance.states import Roles, VersionStates
 from triage.worklist import (
+    KEY_PREFIX,
     FindingItem,
     ResultItem,
     SeriesItem,
@@ -63,6 +68,7 @@ class WorkerContext:
     redis: redis.Redis
     registry: ModelRegistry
     loader: SeriesLoader
+    states: VersionStates
 
     @property
     def worklist(self) -> Worklist:
@@ -84,6 +90,7 @@ def context() -> WorkerContext:
         redis=redis.Redis.from_url(settings.redis_connection_url),
         registry=registry,
         loader=SeriesLoader(orthanc, settings.fetch_threads),
+        states=VersionStates(settings, registry.packages),
     )
 
 
@@ -102,9 +109,11 @@ def analyse_study(orthanc_id: str, study_instance_uid: str, inputs: str) -> str:
     if started is None:
         log.info("study %s: job superseded by a newer set of instances", key)
         return SUPERSEDED
+    _record_arrival(ctx, started)
     measurement = StudyMeasurement()
+    roles = ctx.states.roles()
     try:
-        status = _analyse(ctx, orthanc_id, study_instance_uid, inputs, measurement)
+        status = _analyse(ctx, orthanc_id, study_instance_uid, inputs, measurement, roles)
     except (OutOfScope, InvalidInput) as exc:
         status = StudyStatus.SKIPPED
         _set_status(ctx, study_instance_uid, inputs, status, status_reason(exc))
@@ -129,6 +138,8 @@ def analyse_study(orthanc_id: str, study_instance_uid: str, inputs: str) -> str:
     if isinstance(status, StudyStatus):
         _measured(ctx, key, status, measurement)
     log.info("study %s %s", key, status.value if isinstance(status, StudyStatus) else status)
+    if status in (StudyStatus.ANALYSED, StudyStatus.SKIPPED):
+        _queue_shadows(ctx, orthanc_id, study_instance_uid, inputs, roles)
     _flush_records(ctx)
     return status.value if isinstance(status, StudyStatus) else status
 
@@ -157,6 +168,17 @@ def _flush_records(ctx: WorkerContext) -> None:
         log.warning("vigilance records not flushed (%s)", type(exc).__name__)
 
 
+def _record_arrival(ctx: WorkerContext, item: WorklistItem) -> None:
+    """Count the study's arrival for the volume watch of the vigilance (once per study: a
+    re-analysis is not a new arrival). Never worth the analysis: errors are logged."""
+    try:
+        recording.enqueue_arrival(ctx.redis, item.study_instance_uid, item.modality or None,
+                                  clock.now(ctx.settings))
+    except Exception as exc:
+        log.warning("study %s: arrival not recorded (%s)",
+                    pseudonym(item.study_instance_uid), type(exc).__name__)
+
+
 def _no_retry() -> None:
     """Retrying cannot fix this failure: the job goes straight to RQ's failed jobs."""
     job = get_current_job()
@@ -177,7 +199,7 @@ def _for_inputs(inputs: str, change: Callable[[WorklistItem], WorklistItem]
 
 
 def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str, inputs: str,
-             measurement: StudyMeasurement) -> StudyStatus | str:
+             measurement: StudyMeasurement, roles: Roles) -> StudyStatus | str:
     snapshot = snapshot_study(ctx.orthanc, orthanc_id, details=True,
                               study_instance_uid=study_uid)
     if snapshot.inputs != inputs:
@@ -189,9 +211,10 @@ def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str, inputs: str,
         return SUPERSEDED
     _record_series(ctx, snapshot, inputs)
     _check_size(ctx, snapshot)
-    chosen, reasons = _select(ctx.registry.packages, snapshot)
+    chosen, reasons = _select(roles.active, snapshot)
     if not chosen:
-        reason = "; ".join(reasons) or "no model is installed"
+        reason = "; ".join(reasons) or ("no model is installed" if not ctx.registry.packages
+                                        else "no model version is active")
         _set_status(ctx, study_uid, inputs, StudyStatus.SKIPPED, reason)
         return StudyStatus.SKIPPED
     results: list[ModelResult] = []
@@ -382,8 +405,144 @@ def _record_results(ctx: WorkerContext, snapshot: StudySnapshot, results: list[M
                                   "series_instance_uid": r.series_instance_uid})
         try:
             recording.enqueue(ctx.redis, recording.build_records(
-                snapshot, results, headers, sr_uid, utcnow()))
+                snapshot, results, headers, sr_uid, clock.now(ctx.settings)))
         except Exception as exc:  # the result is out; only its vigilance record is lost
             log.error("study %s: vigilance record not queued (%s)",
                       pseudonym(snapshot.study_instance_uid), type(exc).__name__)
 
+
+
+# -- shadow trials ---------------------------------------------------------------------------
+
+# At most one shadow analysis at a time per host (the value names the job holding it).
+SHADOW_HOST_LOCK = KEY_PREFIX + ":shadow:host:{host}"
+# A shadow job that finds its host busy goes to the back of the queue after this pause.
+SHADOW_DEFER_SECONDS = 0.5
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _queue_shadows(ctx: WorkerContext, orthanc_id: str, study_uid: str, inputs: str,
+                   roles: Roles) -> None:
+    """Queue the study for each version in shadow, after the active analysis has ended.
+    A shadow run is never worth a result: an error here is logged and dropped."""
+    for package in roles.shadow:
+        try:
+            queues.enqueue_shadow(ctx.redis, ctx.settings, orthanc_id=orthanc_id,
+                                  study_instance_uid=study_uid, inputs=inputs,
+                                  model_id=package.manifest.id,
+                                  version=package.manifest.version)
+        except Exception as exc:
+            log.warning("study %s: shadow analysis by %s not queued (%s)",
+                        pseudonym(study_uid), package.manifest.key, type(exc).__name__)
+
+
+def analyse_shadow(orthanc_id: str, study_instance_uid: str, inputs: str, model_id: str,
+                   version: str) -> str:
+    """Run a version in shadow on one study and record what it concluded, and nothing else:
+    no SR, no worklist change, no priority, no delivery, no webhook.
+
+    Bounded cost: one shadow analysis at a time per host (a job that finds its host busy
+    goes back to the end of the lowest queue), run by a thread at the lowest CPU priority
+    (SCHED_IDLE, nice 19) whose onnxruntime session and download threads inherit it.
+    """
+    ctx = context()
+    package = ctx.states.roles().shadow_package(model_id, version)
+    if package is None:
+        return "not in shadow"  # promoted, retired or removed since the job was queued
+    lock = SHADOW_HOST_LOCK.format(host=socket.gethostname())
+    job = get_current_job()
+    token = f"{job.worker_name if job else ''}|{uuid.uuid4().hex}"
+    if not _take_host(ctx, lock, token):
+        time.sleep(SHADOW_DEFER_SECONDS)
+        queues.enqueue_shadow(ctx.redis, ctx.settings, orthanc_id=orthanc_id,
+                              study_instance_uid=study_instance_uid, inputs=inputs,
+                              model_id=model_id, version=version)
+        return "deferred"
+    try:
+        background = BackgroundPackage(package.manifest, package.folder)
+        status = _at_idle_priority(lambda: _shadow(ctx, background, orthanc_id,
+                                                   study_instance_uid, inputs))
+    finally:
+        ctx.redis.eval(_RELEASE, 1, lock, token)
+    log.info("study %s: shadow analysis by %s %s", pseudonym(study_instance_uid),
+             package.manifest.key, status)
+    _flush_records(ctx)
+    return status
+
+
+def _take_host(ctx: WorkerContext, lock: str, token: str) -> bool:
+    """Take the host's shadow slot; a slot held by a worker that died is taken over."""
+    expiry = int(ctx.settings.job_timeout * 1000)
+    if ctx.redis.set(lock, token, nx=True, px=expiry):
+        return True
+    holder = ctx.redis.get(lock)
+    worker = bytes(holder).decode().split("|", 1)[0] if holder else ""  # type: ignore[arg-type]
+    if holder is None or (worker and ctx.redis.exists(alive_key(worker))):
+        return False
+    ctx.redis.eval(_RELEASE, 1, lock, holder)
+    return bool(ctx.redis.set(lock, token, nx=True, px=expiry))
+
+
+def _at_idle_priority(work: Callable[[], str]) -> str:
+    """Run ``work`` in a new thread at the lowest CPU priority; return its result or raise
+    its error. Threads the work starts inherit the priority."""
+    outcome: list[str] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        idle_priority()
+        try:
+            outcome.append(work())
+        except BaseException as exc:  # handed to the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=run, name="shadow", daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return outcome[0]
+
+
+def idle_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux: per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        if hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as exc:  # a platform that refuses: the work still runs, at batch priority
+        log.warning("shadow analysis priority not lowered (%s)", exc)
+
+
+def _shadow(ctx: WorkerContext, package: ModelPackage, orthanc_id: str, study_uid: str,
+            inputs: str) -> str:
+    snapshot = snapshot_study(ctx.orthanc, orthanc_id, details=True,
+                              study_instance_uid=study_uid)
+    if snapshot.inputs != inputs:
+        return SUPERSEDED  # the newer set of instances gets its own shadow run
+    chosen, _ = _select([package], snapshot)
+    if not chosen:
+        return "out of scope"
+    try:
+        _check_size(ctx, snapshot)
+    except OutOfScope:
+        return "out of scope"
+    _, series = chosen[0]
+    # A loader of its own, created here, so its download threads run at this priority too.
+    loader = SeriesLoader(ctx.orthanc, 1)
+    try:
+        prep = package.manifest.preprocessing
+        loaded = loader.load(series.instance_ids, prep.rescale, slice_transform(prep))
+    except InvalidInput:
+        return "images not usable"
+    finally:
+        loader.pool.shutdown(wait=False)
+    uid = series.info.series_instance_uid
+    result = infer(package, loaded.volume, uid)
+    recording.enqueue(ctx.redis, recording.build_records(
+        snapshot, [result], {uid: loaded.headers}, None, clock.now(ctx.settings),
+        role="shadow"))
+    return "recorded"

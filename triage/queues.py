@@ -1,7 +1,8 @@
 """The RQ queues of the service and how an analysis is enqueued.
 
 Every worker serves ``urgent`` before ``default`` before ``bulk`` (DESIGN.md, "Priorities"):
-urgent work never waits behind a backlog of routine work.
+urgent work never waits behind a backlog of routine work. ``shadow`` comes last: the
+analyses of model versions on trial run only when nothing else waits.
 """
 
 from __future__ import annotations
@@ -26,9 +27,14 @@ class QueueName(str, Enum):
     URGENT = "urgent"
     DEFAULT = "default"
     BULK = "bulk"
+    SHADOW = "shadow"
 
 
-QUEUE_ORDER = (QueueName.URGENT, QueueName.DEFAULT, QueueName.BULK)
+QUEUE_ORDER = (QueueName.URGENT, QueueName.DEFAULT, QueueName.BULK, QueueName.SHADOW)
+# The periodic drift and volume checks: served by every worker after all the analysis queues,
+# and kept apart from them so that the check scheduled for the next slot never counts as
+# analysis work waiting (metrics, autoscaling).
+VIGILANCE_QUEUE = "vigilance"
 
 
 def queues(connection: redis.Redis) -> list[Queue]:
@@ -63,4 +69,19 @@ def enqueue_analysis(connection: redis.Redis, settings: Settings, *, queue: Queu
         retry=Retry(max=retries, interval=RETRY_INTERVALS[:retries] or [0]) if retries else None,
         description=f"analyse study {orthanc_id}",
         pipeline=pipeline,
+    )
+
+
+def enqueue_shadow(connection: redis.Redis, settings: Settings, *, orthanc_id: str,
+                   study_instance_uid: str, inputs: str, model_id: str, version: str) -> Job:
+    """Enqueue ``triage.jobs.analyse_shadow`` of one shadow version on one study, on the
+    lowest queue. Not retried: a shadow analysis lost to an outage is a missing pair in the
+    comparison, never a missing result."""
+    return Queue(QueueName.SHADOW.value, connection=connection).enqueue(
+        "triage.jobs.analyse_shadow",
+        orthanc_id, study_instance_uid, inputs, model_id, version,
+        job_timeout=settings.job_timeout,
+        result_ttl=RESULT_TTL,
+        failure_ttl=FAILURE_TTL,
+        description=f"shadow analysis of study {orthanc_id} by {model_id} {version}",
     )

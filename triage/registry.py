@@ -79,6 +79,22 @@ class ModelPackage:
         return session
 
 
+@dataclass(frozen=True)
+class BackgroundPackage(ModelPackage):
+    """A package run as background work (a shadow trial), with an onnxruntime session of its
+    own: created by the low-priority thread that first uses it, so the session's threads
+    inherit that thread's CPU priority, and never shared with the package's active runs."""
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        key = (f"background:{self.onnx_path}", self.manifest.sha256)
+        with _SESSIONS_LOCK:
+            session = _SESSIONS.get(key)
+            if session is None:
+                session = _SESSIONS[key] = _create_session(self.onnx_path, self.manifest)
+        return session
+
+
 def _create_session(onnx_path: Path, manifest: Manifest) -> ort.InferenceSession:
     # Read the bytes and hash them again: the file may have changed since the package loaded,
     # and the session must run exactly the weights the manifest names.

@@ -8,7 +8,16 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from triage import __version__
 from triage.api.deps import LoopRedis
-from triage.api.routes import admin, docs, health, integration, studies, vigilance, worklist
+from triage.api.routes import (
+    admin,
+    docs,
+    health,
+    integration,
+    studies,
+    trials,
+    vigilance,
+    worklist,
+)
 from triage.api.security import RequestSizeLimit, SecurityHeaders
 from triage.audit import AsyncAuditWriter
 from triage.oidc import OidcValidator
@@ -51,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(vigilance.router)
     app.include_router(vigilance.outcomes_router)
+    app.include_router(trials.router)
     app.include_router(integration.router)
     app.include_router(render.router)
     app.include_router(signin.router)

@@ -27,6 +27,7 @@ from psycopg.rows import TupleRow
 from triage.errors import TriageError
 from triage.orthanc import OrthancClient
 from triage.settings import Settings
+from triage.vigilance import trail
 
 Connection = psycopg.Connection[TupleRow]
 Resolver = Callable[[str, str], list[str]]
@@ -128,6 +129,8 @@ def register_version(conn: Connection, model_id: str, version: str, sha256: str,
             conn.execute("INSERT INTO model_versions (model_id, version, sha256, state, "
                          "changed_by) VALUES (%s, %s, %s, %s, %s)",
                          (model_id, version, sha256, state, actor))
+            trail.record(conn, actor=actor, action="model.registered", model_id=model_id,
+                         version=version, details={"state": state, "sha256": sha256})
     conn.commit()
     return state
 
@@ -138,9 +141,12 @@ def _current_states(conn: Connection, model_id: str) -> dict[str, str]:
     return {str(version): str(state) for version, state in rows}
 
 
-def _change(conn: Connection, model_id: str, version: str, state: str, actor: str) -> None:
+def _change(conn: Connection, model_id: str, version: str, state: str, actor: str,
+            old: str, action: str) -> None:
     conn.execute("UPDATE model_versions SET state = %s, changed_at = now(), changed_by = %s "
                  "WHERE model_id = %s AND version = %s", (state, actor, model_id, version))
+    trail.record(conn, actor=actor, action=action, model_id=model_id, version=version,
+                 details={"from": old, "to": state})
 
 
 def set_state(conn: Connection, model_id: str, version: str, state: str,
@@ -164,7 +170,7 @@ def set_state(conn: Connection, model_id: str, version: str, state: str,
             raise RecordError(f"{model_id} has no registered version {version}")
         old = states[version]
         if old != state:
-            _change(conn, model_id, version, state, actor)
+            _change(conn, model_id, version, state, actor, old, "model.state_changed")
     conn.commit()
     return [Transition(model_id, version, old, state)] if old != state else []
 
@@ -188,9 +194,10 @@ def promote(conn: Connection, model_id: str, version: str, actor: str) -> list[T
         if states[version] != "active":
             for other, state in sorted(states.items()):
                 if state == "active":  # demoted first: one active version at a time
-                    _change(conn, model_id, other, "shadow", actor)
+                    _change(conn, model_id, other, "shadow", actor, state, "model.demoted")
                     transitions.append(Transition(model_id, other, "active", "shadow"))
-            _change(conn, model_id, version, "active", actor)
+            _change(conn, model_id, version, "active", actor, states[version],
+                    "model.promoted")
             transitions.append(Transition(model_id, version, states[version], "active"))
     conn.commit()
     return transitions
@@ -448,6 +455,10 @@ def import_outcome_rows(conn: Connection, rows: Iterable[tuple[int, dict[str, st
                 report.inserted += 1
             else:
                 report.duplicates += 1
+        trail.record(conn, actor=observer, action="outcomes.imported",
+                     details={"source": default_source, "inserted": report.inserted,
+                              "duplicates": report.duplicates,
+                              "rejected": len(report.rejected)})
     conn.commit()
     return report
 
