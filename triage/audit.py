@@ -48,6 +48,9 @@ class AuditAction(str, Enum):
     KEY_IMAGE_VIEWED = "study.key_image_viewed"
     OUTCOMES_IMPORTED = "vigilance.outcomes_imported"
     MODEL_STATE_CHANGED = "vigilance.model_state_changed"
+    ALERT_ACKNOWLEDGED = "vigilance.alert_acknowledged"
+    BASELINE_SET = "vigilance.baseline_set"
+    VIGILANCE_EXPORTED = "vigilance.exported"
 
 
 class AuditRecord(BaseModel):

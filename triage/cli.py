@@ -536,6 +536,93 @@ def outcomes_import(file: Path, source: str, observer: str | None) -> None:
         sys.exit(1)
 
 
+@main.group()
+def vigilance() -> None:
+    """Post-market surveillance of the models."""
+
+
+@vigilance.command("check")
+def vigilance_check() -> None:
+    """Run the drift and volume checks now (as the workers do every
+    TRIAGE_VIGILANCE_CHECK_MINUTES) and print the alerts raised."""
+    from triage.errors import TriageError
+    from triage.vigilance import clock
+    from triage.vigilance.drift import run_checks
+
+    settings = Settings()
+    connection = _redis()
+    try:
+        connection.ping()
+        gauge: redis.Redis | None = connection
+    except redis.RedisError:
+        gauge = None  # the checks run; only the metrics gauge waits for the next run
+    try:
+        with _vigilance_db(settings) as records:
+            raised = run_checks(records, settings, clock.now(settings), connection=gauge)
+    except TriageError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for alert in raised:
+        click.echo(f"alert {alert.id} {alert.kind}: {alert.summary}")
+    click.echo(f"{len(raised)} alerts raised")
+
+
+@vigilance.command("export")
+@click.option("--model", required=True, help="The model's identifier.")
+@click.option("--version", default=None, help="One version (default: every version).")
+@click.option("--start", type=click.DateTime(["%Y-%m-%d"]), default=None,
+              help="First UTC day (default: from the first record).")
+@click.option("--end", type=click.DateTime(["%Y-%m-%d"]), default=None,
+              help="First UTC day after the period (default: up to now).")
+@click.option("--format", "file_format", type=click.Choice(["csv", "parquet"]), default="csv",
+              show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              required=True, help="The file to write (replaced if it exists).")
+def vigilance_export(model: str, version: str | None, start: datetime | None,
+                     end: datetime | None, file_format: str, output: Path) -> None:
+    """Write the pseudonymised evaluation dataset of MODEL: one row per analysis and output
+    label, studies by keyed pseudonym (TRIAGE_VIGILANCE_EXPORT_KEY), subgroup values shared by
+    fewer than 5 studies suppressed. Audited, in the vigilance trail too."""
+    from triage.errors import TriageError
+    from triage.vigilance import clock
+    from triage.vigilance.export import (
+        ExportFormat,
+        ExportQuery,
+        dataset,
+        file_chunks,
+        record_export,
+    )
+
+    settings = Settings()
+    export_format = ExportFormat(file_format)
+    try:
+        query = ExportQuery(model_id=model, version=version,
+                            start=start.date() if start else None,
+                            end=end.date() if end else None)
+        key = settings.vigilance_export_secret
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    audit_connection = _audit_reachable()
+    try:
+        with _vigilance_db(settings) as connection:
+            rows = dataset(connection, key, query)
+            record_export(connection, actor=_os_user(), query=query,
+                          export_format=export_format, rows=len(rows), at=clock.now(settings))
+            # The trail entry commits after the file is written: a failed write leaves none.
+            partial = output.with_name(output.name + ".partial")
+            with partial.open("wb") as stream:
+                partial.chmod(0o600)
+                for chunk in file_chunks(rows, export_format):
+                    stream.write(chunk)
+            partial.replace(output)
+    except TriageError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"{output} not written: {exc.strerror}") from exc
+    _audit_cli(audit_connection, AuditAction.VIGILANCE_EXPORTED,
+               {**query.described(), "format": export_format.value, "rows": len(rows)})
+    click.echo(f"{len(rows)} rows written to {output}")
+
+
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 def samples(directory: Path) -> None:

@@ -75,6 +75,9 @@ RECORDS_KEY = f"{KEY_PREFIX}:records"
 QUEUE_DEPTH_KEY = f"{KEY_PREFIX}:queue-depth"
 # Taken for a minute by the watcher that samples the queues (only one of several does).
 QUEUE_SAMPLE_KEY = f"{KEY_PREFIX}:queue-depth:sampled"
+# Open vigilance alerts, published by the checks and acknowledgements
+# (``triage.vigilance.alerts.publish_open``): JSON [kind, model, version] -> count.
+VIGILANCE_ALERTS_KEY = f"{KEY_PREFIX}:vigilance-alerts-open"
 
 KEPT_SECONDS = 7 * 24 * 3600
 RECORDS_KEPT = 50_000
@@ -311,7 +314,9 @@ class RedisCollector(Collector):
     Yields ``triage_studies_total``, ``triage_stage_seconds``,
     ``triage_time_to_notification_seconds``, ``triage_queue_jobs``, ``triage_workers_alive``
     and the worklist gauges ``triage_worklist_studies`` (by status) and
-    ``triage_worklist_studies_by_priority``. No label carries patient data.
+    ``triage_worklist_studies_by_priority``, and ``triage_vigilance_alerts_open`` (the last
+    counts the vigilance published, so it answers while PostgreSQL is down). No label carries
+    patient data.
     """
 
     def __init__(self, connection: redis.Redis) -> None:
@@ -323,17 +328,33 @@ class RedisCollector(Collector):
             pipe.hgetall(STUDIES_KEY)
             pipe.hgetall(STAGES_KEY)
             pipe.hgetall(TTN_KEY)
+            pipe.hgetall(VIGILANCE_ALERTS_KEY)
             for queue in names:
                 pipe.llen(queue.key)
                 for registry in _REGISTRIES.values():
                     pipe.zcard(registry(queue=queue).key)
-            studies, stages, ttn, *counts = pipe.execute()
+            studies, stages, ttn, alerts, *counts = pipe.execute()
         yield self._studies(_decoded(studies))
         yield self._stages(_decoded(stages))
         yield self._ttn(_decoded(ttn))
         yield self._queue_jobs([q.name for q in names], counts)
         yield self._workers_alive()
         yield from self._worklist()
+        yield self._vigilance_alerts(_decoded(alerts))
+
+    @staticmethod
+    def _vigilance_alerts(raw: dict[str, str]) -> Metric:
+        family = GaugeMetricFamily(
+            "triage_vigilance_alerts_open", "Vigilance alerts not yet acknowledged, by kind and "
+            "model version (model=\"\" for a modality's arrivals)",
+            labels=["kind", "model", "model_version"])
+        for name, value in sorted(raw.items()):
+            try:
+                kind, model, version = json.loads(name)
+                family.add_metric([_label(kind), _label(model), _label(version)], float(value))
+            except (ValueError, TypeError):  # a field this version does not write
+                continue
+        return family
 
     @staticmethod
     def _studies(raw: dict[str, str]) -> Metric:

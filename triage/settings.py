@@ -19,7 +19,7 @@ from typing import Literal
 from urllib.parse import quote, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Where a checkout keeps its model packages and the Orthanc configuration template.
@@ -127,6 +127,67 @@ class Settings(BaseSettings):
         default=None, description="Password for TRIAGE_DATABASE_URL when the URL carries none "
         "(a secret kept apart from the address, as Kubernetes Secrets are)")
     postgres_port: int = 5432
+    vigilance_export_key: SecretStr | None = Field(
+        default=None, description="Key of the study pseudonyms of the vigilance evaluation "
+        "export (HMAC-SHA256 of the Study Instance UID): the same key gives the same "
+        "pseudonyms in every export. At least 16 characters; generated once into the data "
+        "directory in development if unset, required otherwise")
+    vigilance_clock_offset_days: float = Field(
+        default=0.0, description="Days added to the clock of the vigilance records (analysis "
+        "and arrival times, checks, alerts); for validation drills that replay weeks of "
+        "studies in an hour. Leave 0 in production")
+    vigilance_states_seconds: float = Field(
+        default=30.0, gt=0, description="How often a worker reads the model version states "
+        "(active, shadow, retired) from PostgreSQL; a change made by an admin applies within it")
+    vigilance_check_minutes: int = Field(
+        default=60, ge=1, description="How often the workers run the drift and volume checks "
+        "(an RQ job on the vigilance queue, served after the analyses); `triage vigilance "
+        "check` runs them at once")
+    vigilance_baseline_days: int = Field(
+        default=14, ge=1, description="Days of a version's first analyses that become its "
+        "baseline when no admin set one (longer when they hold too few studies)")
+    vigilance_baseline_min_days: int = Field(
+        default=7, ge=2, description="A baseline needs at least this many days with studies")
+    vigilance_baseline_min_studies: int = Field(
+        default=100, ge=1, description="A baseline needs at least this many studies")
+    vigilance_cusum_k: float = Field(
+        default=0.5, gt=0, description="CUSUM reference value of the daily flag rate, in "
+        "baseline sigmas (0.5: tuned to a shift of one sigma; FDA AIM-CU default)")
+    vigilance_cusum_h: float = Field(
+        default=4.0, gt=0, description="CUSUM decision threshold, in baseline sigmas (FDA "
+        "AIM-CU default); higher: fewer false alarms, later detection")
+    vigilance_window_days: int = Field(
+        default=7, ge=1, description="The last complete UTC days whose scores and inputs are "
+        "compared with the baseline period (KS and chi-square tests)")
+    vigilance_window_min_studies: int = Field(
+        default=30, ge=5, description="A score or input test needs at least this many values "
+        "in the window and in the baseline period; fewer: the test is not run")
+    vigilance_score_alpha: float = Field(
+        default=0.01, gt=0, lt=1, description="Level of the score-distribution tests (KS), "
+        "held as a false-discovery rate across the labels and versions of a check "
+        "(Benjamini-Hochberg)")
+    vigilance_input_fdr: float = Field(
+        default=0.05, gt=0, lt=1, description="False-discovery rate of the input-drift tests "
+        "(manufacturer, model name, kernel, slice thickness, kVp, pixel spacing), corrected "
+        "together across the versions of a check (Benjamini-Hochberg)")
+    vigilance_volume_weeks: int = Field(
+        default=4, ge=1, description="Past weeks whose same hours of the week give the "
+        "expected arrivals of a modality")
+    vigilance_volume_hours: int = Field(
+        default=3, ge=1, description="The last complete hours whose arrivals are compared "
+        "with the expectation")
+    vigilance_volume_p: float = Field(
+        default=0.001, gt=0, lt=1, description="A volume alert when so few studies arrived "
+        "that a Poisson count with the expected mean would be this unlikely to be as low")
+    vigilance_volume_min_expected: float = Field(
+        default=10.0, gt=0, description="No volume alert when fewer studies than this were "
+        "expected over the hours compared (quiet nights)")
+    vigilance_silent_hours: int = Field(
+        default=6, ge=1, description="A volume alert for a model that analysed nothing this "
+        "long while the studies it usually analyses kept arriving")
+    vigilance_webhooks: list[str] = Field(
+        default_factory=list, description="Names of the webhooks (TRIAGE_WEBHOOKS) told of "
+        "vigilance alerts; empty: every configured webhook")
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -240,6 +301,18 @@ class Settings(BaseSettings):
             raise ValueError(f"placeholder secret {value!r} refused: set a real one")
         return value
 
+    @field_validator("vigilance_export_key")
+    @classmethod
+    def _export_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return value
+        secret = value.get_secret_value().strip()
+        if secret.lower() in _PLACEHOLDERS:
+            raise ValueError("placeholder TRIAGE_VIGILANCE_EXPORT_KEY refused: set a real one")
+        if len(secret) < 16:
+            raise ValueError("TRIAGE_VIGILANCE_EXPORT_KEY must have at least 16 characters")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str | None) -> str | None:
@@ -319,6 +392,15 @@ class Settings(BaseSettings):
         return self.stored_secrets["orthanc_password"]
 
     @property
+    def vigilance_export_secret(self) -> bytes:
+        """The key of the export's study pseudonyms."""
+        if self.vigilance_export_key is not None:
+            return self.vigilance_export_key.get_secret_value().strip().encode()
+        if not self.development:
+            raise ValueError("TRIAGE_VIGILANCE_EXPORT_KEY must be set outside development")
+        return self.stored_secrets["vigilance_export_key"].encode()
+
+    @property
     def redis_secret(self) -> str | None:
         if self.redis_password:
             return self.redis_password
@@ -355,7 +437,8 @@ def load_or_create_secrets(data_dir: Path) -> dict[str, str]:
     """Read ``secrets.json`` in ``data_dir``, generating any missing secret (mode 0600)."""
     path = data_dir / SECRETS_FILE
     stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
-    wanted = ("orthanc_password", "redis_password", "postgres_password")
+    wanted = ("orthanc_password", "redis_password", "postgres_password",
+              "vigilance_export_key")
     if all(stored.get(name) for name in wanted):
         return stored
     for name in wanted:

@@ -14,8 +14,8 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.worker import SimpleWorker
 
-from triage.jobs import context
-from triage.queues import queues
+from triage.jobs import WorkerContext, context
+from triage.queues import VIGILANCE_QUEUE, queues
 from triage.recovery import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,24 @@ def lower_priority(nice: int) -> None:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
+def _schedule_vigilance(ctx: WorkerContext) -> None:
+    """Make sure the next drift and volume checks are scheduled (every worker asks; the
+    slot's job is created once). Never stops a worker from starting."""
+    from triage.vigilance.drift import schedule_check
+
+    try:
+        schedule_check(ctx.redis, ctx.settings)
+    except Exception as exc:
+        log.warning("vigilance checks not scheduled (%s)", type(exc).__name__)
+
+
 def run_worker(*, burst: bool = False, name: str | None = None) -> bool:
     """Work until stopped (or, with ``burst``, until the queues are empty)."""
     ctx = context()
     loaded = ", ".join(f"{p.identity.id} {p.identity.version}" for p in ctx.registry.packages)
     log.info("worker ready with models: %s", loaded or "none")
-    worker = AnalysisWorker(queues(ctx.redis), connection=ctx.redis, name=name)
+    if not burst:  # a burst worker drains the queues and leaves nothing scheduled behind
+        _schedule_vigilance(ctx)
+    worker = AnalysisWorker([*queues(ctx.redis), Queue(VIGILANCE_QUEUE, connection=ctx.redis)],
+                            connection=ctx.redis, name=name)
     return worker.work(burst=burst, with_scheduler=True, logging_level="WARNING")

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import psycopg
 import redis
 from psycopg.rows import TupleRow
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from triage.findings import ModelResult
 from triage.ingest import StudySnapshot
@@ -49,6 +49,8 @@ OUTBOX = "triage:vigilance:outbox"
 REJECTED = "triage:vigilance:outbox:rejected"
 RETRY_AFTER = "triage:vigilance:outbox:retry_after"
 LOCK = "triage:vigilance:outbox:lock"
+# Studies as they arrive (``ArrivalRecord``), for the volume watch; flushed with the analyses.
+ARRIVALS = "triage:vigilance:outbox:arrivals"
 
 RETRY_SECONDS = 30
 LOCK_SECONDS = 30
@@ -105,6 +107,17 @@ class AnalysisRecord(BaseModel):
     pixel_spacing_column_mm: float | None = None
     reconstruction_kernel: str | None = None
     outputs: list[AnalysisOutput] = []
+
+
+class ArrivalRecord(BaseModel):
+    """A study that reached the service, whether or not a model analyses it: its modality
+    and when (the vigilance clock); the volume watch counts them per hour."""
+
+    model_config = ConfigDict(frozen=True)
+
+    study_uid: str = Field(pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)
+    modality: str = Field(min_length=1, max_length=16)
+    received_at: AwareDatetime
 
 
 # -- building records ------------------------------------------------------------------------
@@ -205,7 +218,8 @@ def _outputs(result: ModelResult) -> list[AnalysisOutput]:
 
 def build_records(snapshot: StudySnapshot, results: Iterable[ModelResult],
                   headers_by_series: Mapping[str, Sequence[Any]], sr_uid: str | None,
-                  now: datetime) -> list[AnalysisRecord]:
+                  now: datetime, role: Literal["active", "shadow"] = "active"
+                  ) -> list[AnalysisRecord]:
     """The records of an analysis: one per model result.
 
     Acquisition attributes come from the first header of the series the model analysed
@@ -215,19 +229,23 @@ def build_records(snapshot: StudySnapshot, results: Iterable[ModelResult],
     """
     analysed_at = now.astimezone(UTC) if now.utcoffset() is not None else now.replace(
         tzinfo=UTC)
-    band = age_band(_text(snapshot.patient_age), _text(snapshot.patient_birth_date),
-                    _text(snapshot.study_date))
-    sex = _sex(_text(snapshot.patient_sex))
     records = []
     for result in results:
         headers = headers_by_series.get(result.series_instance_uid) or ()
         attributes: Mapping[str, Any] | Any = (headers[0] if headers
                                                else snapshot.first_instance)
+        # A worker's snapshot has no patient module (it skips the study's own resource):
+        # the analysed images say who the patient is, the snapshot where they are silent.
+        band = age_band(
+            _text(_get(attributes, "PatientAge") or snapshot.patient_age),
+            _text(_get(attributes, "PatientBirthDate") or snapshot.patient_birth_date),
+            _text(_get(attributes, "StudyDate") or snapshot.study_date))
+        sex = _sex(_text(_get(attributes, "PatientSex") or snapshot.patient_sex))
         row, column = _spacing(attributes)
         records.append(AnalysisRecord(
             study_uid=snapshot.study_instance_uid,
             model_id=result.model.id, version=result.model.version,
-            sha256=result.model.weights_sha256, role="active",
+            sha256=result.model.weights_sha256, role=role,
             analysed_at=analysed_at, sr_sop_instance_uid=sr_uid,
             modality=clean_text(_get(attributes, "Modality"), 16),
             manufacturer=clean_text(_get(attributes, "Manufacturer")),
@@ -254,6 +272,20 @@ def enqueue(connection: redis.Redis, records: Sequence[AnalysisRecord]) -> None:
         connection.rpush(OUTBOX, *(r.model_dump_json() for r in records))
 
 
+def enqueue_arrival(connection: redis.Redis, study_uid: str, modality: str | None,
+                    received_at: datetime) -> None:
+    """Append the arrival of a study to its outbox (one round trip); ``received_at`` from
+    ``triage.vigilance.clock.now``. A modality that cannot be read counts as "unknown"; a
+    Study Instance UID that is not a DICOM UID is not recorded."""
+    try:
+        record = ArrivalRecord(study_uid=study_uid, modality=clean_text(modality, 16) or "unknown",
+                               received_at=received_at)
+    except ValidationError:
+        log.warning("arrival not recorded: the Study Instance UID is not a DICOM UID")
+        return
+    connection.rpush(ARRIVALS, record.model_dump_json())
+
+
 # Trim what was written and keep the refused records aside, only while holding the lock.
 _TRIM = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -276,8 +308,9 @@ def flush(connection: redis.Redis, settings: Settings, *, batch: int = 200) -> i
     pipe = connection.pipeline(transaction=False)
     pipe.exists(RETRY_AFTER)
     pipe.llen(OUTBOX)
-    backing_off, pending = pipe.execute()
-    if backing_off or not pending:
+    pipe.llen(ARRIVALS)
+    backing_off, pending, arrivals = pipe.execute()
+    if backing_off or not (pending or arrivals):
         return 0
     token = secrets.token_hex(16)
     if not connection.set(LOCK, token, nx=True, px=LOCK_SECONDS * 1000):
@@ -322,7 +355,7 @@ def _drain(connection: redis.Redis, settings: Settings, token: str, batch: int) 
                 rejected = _write(conn, raw)
             except Exception as error:  # PostgreSQL failing (not refusing one record)
                 _back_off(connection, error)
-                break
+                return written
             if rejected:
                 log.warning("%d vigilance records refused by PostgreSQL, kept in %s",
                             len(rejected), REJECTED)
@@ -332,9 +365,42 @@ def _drain(connection: redis.Redis, settings: Settings, token: str, batch: int) 
             written += len(raw) - len(rejected)
             if len(raw) < batch:
                 break
+        while time.monotonic() < deadline:
+            raw = list(connection.lrange(ARRIVALS, 0, batch - 1))  # type: ignore[arg-type]
+            if not raw:
+                break
+            try:
+                rejected = _write_arrivals(conn, raw)
+            except Exception as error:  # PostgreSQL failing
+                _back_off(connection, error)
+                break
+            if not connection.eval(_TRIM, 2 + 1, LOCK, ARRIVALS, REJECTED, token, len(raw),
+                                   *rejected):
+                break
+            written += len(raw) - len(rejected)
+            if len(raw) < batch:
+                break
     finally:
         conn.close()
     return written
+
+
+def _write_arrivals(conn: Connection, raw: list[bytes]) -> list[bytes]:
+    """Write a batch of arrivals (a study already recorded keeps its first arrival); return
+    the entries refused as invalid."""
+    from triage.vigilance.drift import record_arrival
+
+    rejected: list[bytes] = []
+    with conn.transaction():
+        for item in raw:
+            try:
+                arrival = ArrivalRecord.model_validate_json(item)
+                with conn.transaction():
+                    record_arrival(conn, arrival.study_uid, arrival.modality,
+                                   arrival.received_at)
+            except (ValidationError, *_REFUSED):
+                rejected.append(item)
+    return rejected
 
 
 _UPSERT_ANALYSIS = """
