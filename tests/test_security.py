@@ -62,6 +62,15 @@ POLICY: dict[str, set[Role] | None] = {
     "/api/v1/admin/deliveries/retry": ADMINS,
     "/api/v1/admin/vigilance/figures": ADMINS,
     "/api/v1/admin/vigilance/subgroups": ADMINS,
+    "/api/v1/admin/vigilance/export": ADMINS,
+    "/api/v1/admin/vigilance/alerts": ADMINS,
+    "/api/v1/admin/vigilance/alerts/{alert_id}/acknowledge": ADMINS,
+    "/api/v1/admin/vigilance/baselines": ADMINS,
+    "/api/v1/admin/vigilance/flag-rate": ADMINS,
+    "/api/v1/admin/vigilance/models": ADMINS,
+    "/api/v1/admin/vigilance/models/{model_id}/versions/{version}/promote": ADMINS,
+    "/api/v1/admin/vigilance/models/{model_id}/versions/{version}/state": ADMINS,
+    "/api/v1/admin/vigilance/shadow": ADMINS,
 }
 BODIES = {
     "/api/v1/studies/{study_instance_uid}/feedback": {"findings": [], "outcomes": {}},
@@ -83,7 +92,8 @@ def app(clean_servers: Servers, vigilance_database: Settings, vigilance_db: obje
 
 def call(client: TestClient, method: str, path: str, token: str | None) -> int:
     url = (path.replace("{study_instance_uid}", "1.2.3.1").replace("{job_id}", "no-job")
-           .replace("{token_id}", "no-token"))
+           .replace("{token_id}", "no-token").replace("{alert_id}", "1")
+           .replace("{model_id}", "no-model").replace("{version}", "1.0"))
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     with client.stream(method.upper(), url, headers=headers, params=PARAMS.get(path),
                        json=BODIES.get(path) if method == "post" else None) as response:

@@ -37,6 +37,7 @@ from triage.tokens import (
 
 from .pages import page_user
 from .render import page
+from .vigilance import page_context as vigilance_context
 
 router = APIRouter(include_in_schema=False)
 ADMINS = (Role.ADMIN,)
@@ -47,6 +48,14 @@ PANELS = ("queues", "workers", "jobs", "deliveries", "models", "tokens")
 async def console(request: Request) -> Response:
     await page_user(request, ADMINS)
     return page(request, "admin.html", panels=PANELS, states=JOB_STATES)
+
+
+@router.get("/admin/vigilance")
+async def vigilance(request: Request) -> Response:
+    """The vigilance page: its figures, alerts, shadow comparison and version states are read
+    by the page's script from the ``/api/v1/admin/vigilance`` routes, with the session."""
+    await page_user(request, ADMINS)
+    return page(request, "vigilance.html", **vigilance_context(request))
 
 
 def _panel_context(request: Request, name: str, state: str) -> dict[str, Any]:
