@@ -51,6 +51,7 @@ EXAMPLE_ENV = {
     "TRIAGE_REDIS_PASSWORD": secrets.token_urlsafe(32),
     "TRIAGE_POSTGRES_PASSWORD": secrets.token_urlsafe(32),
     "TRIAGE_DATABASE_PASSWORD": secrets.token_urlsafe(32),
+    "TRIAGE_VIGILANCE_EXPORT_KEY": secrets.token_urlsafe(32),
 }
 
 _REFERENCE = re.compile(

@@ -53,7 +53,8 @@ COMPONENTS = {
 # The Secrets the hospital creates (deploy/README.md); none is committed.
 SECRETS = {"triage-secrets", "triage-tls", "triage-extra-env"}
 # Keys of triage-secrets (deploy/README.md, kubectl create secret generic triage-secrets).
-SECRET_KEYS = {"orthanc-password", "redis-password", "postgres-password", "database-password"}
+SECRET_KEYS = {"orthanc-password", "redis-password", "postgres-password", "database-password",
+               "vigilance-export-key"}
 # What Debian 12's kubectl 1.20 (kustomize v2.0.3) does not understand.
 NEWER_KUSTOMIZE_FIELDS = {"patches", "labels", "components", "replacements", "sortOptions"}
 

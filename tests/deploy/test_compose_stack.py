@@ -203,6 +203,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         "TRIAGE_REDIS_PASSWORD": secrets.token_urlsafe(32),
         "TRIAGE_POSTGRES_PASSWORD": secrets.token_urlsafe(32),
         "TRIAGE_DATABASE_PASSWORD": secrets.token_urlsafe(32),
+        "TRIAGE_VIGILANCE_EXPORT_KEY": secrets.token_urlsafe(32),
         "TRIAGE_CERTS_DIR": str(certs),
         "TRIAGE_DICOM_PORT": str(dicom_port),
         "TRIAGE_HTTPS_PORT": str(https_port),
