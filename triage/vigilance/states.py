@@ -26,14 +26,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import psycopg
+
 from triage.registry import ModelPackage
 from triage.settings import Settings
-from triage.vigilance import db
 from triage.vigilance.records import Connection, RecordError, register_version
 
 log = logging.getLogger(__name__)
 
 ACTOR = "worker"  # who registers the installed versions
+# A study never waits long on a database that does not answer: the reading is given up (and
+# tried again after TRIAGE_VIGILANCE_STATES_SECONDS) and the last known states kept.
+CONNECT_TIMEOUT_SECONDS = 2
+STATEMENT_TIMEOUT_MS = 2000
 _PARTS = re.compile(r"(\d+)")
 
 
@@ -110,7 +115,10 @@ class VersionStates:
 
     def _refresh(self) -> None:
         try:
-            with db.connect(self.settings) as conn:
+            with psycopg.connect(self.settings.database_connection_url,
+                                 connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                                 options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+                                 ) as conn:
                 if not self._registered:
                     self._register(conn)
                 rows = conn.execute("SELECT model_id, version, state FROM model_versions"
