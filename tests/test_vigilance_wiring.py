@@ -12,16 +12,21 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
+from playwright.sync_api import expect, sync_playwright
 from statsmodels.stats.proportion import proportion_confint
 
-from tests.conftest import Servers
+from tests.browser import launch, offline_context, sign_in
+from tests.conftest import Servers, free_port
 from tests.headct import HeadCT, study_uid, write_head_ct
 from tests.senders import storescu
 from tests.test_delivery import Pager
@@ -289,6 +294,9 @@ def _drift(client: TestClient, admin: dict[str, str], servers: Servers, pager: P
     text = json.dumps(alerts)
     assert "VIGILANCE^" not in text and "V-w" not in text
 
+    # ... in the admin console's vigilance page, ...
+    _console_shows(Settings(), admin["Authorization"].split()[1], kinds)
+
     # Acknowledging is audited; the alert leaves the open list.
     first = listed[0]
     answer = client.post(f"/api/v1/admin/vigilance/alerts/{first['id']}/acknowledge",
@@ -300,3 +308,33 @@ def _drift(client: TestClient, admin: dict[str, str], servers: Servers, pager: P
     with connect(Settings()) as conn:
         acknowledged = trail.entries(conn, action="alert.acknowledged")
     assert [e.actor for e in acknowledged] == ["dr.committee"]
+
+
+def _console_shows(settings: Settings, token: str, kinds: set[str]) -> None:
+    """The vigilance page, served as the API serves it, lists an open alert of each kind."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with sync_playwright() as playwright:
+            browser = launch(playwright)
+            try:
+                with offline_context(browser) as (context, _):
+                    page = context.new_page()
+                    sign_in(page, base, token, "/admin/vigilance")
+                    listed = page.locator("#v-alerts")
+                    for kind in sorted(kinds):
+                        expect(listed).to_contain_text(kind, timeout=15_000)
+                    assert page.locator("#v-alerts li.v-alert").count() >= len(kinds)
+            finally:
+                browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
