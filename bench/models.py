@@ -24,6 +24,11 @@ from onnx import TensorProto, helper, numpy_helper
 from triage.settings import PROJECT_ROOT
 
 REFERENCE_MODEL = "head-ct-hyperdensity"
+# The version of the reference model on trial in the shadow section: the same weights under
+# another version and a lower threshold, as a retrained model's candidate would be installed.
+TRIAL_VERSION = "2.0.0-trial"
+TRIAL_THRESHOLD = 0.05
+TRIAL_FOLDER = REFERENCE_MODEL + "-trial"
 RADIOGRAPH_MODEL = "bench-densenet121-cr"
 SIZE = 224
 GROWTH = 32
@@ -153,3 +158,17 @@ def write_models(folder: Path) -> dict[str, object]:
     return {"reference_model": REFERENCE_MODEL, "radiograph_model": RADIOGRAPH_MODEL,
             "radiograph_model_gmacs": round(macs / 1e9, 3),
             "radiograph_model_megabytes": round(len(data) / 2**20, 1)}
+
+
+def write_trial_model(folder: Path) -> tuple[str, str, str]:
+    """Install beside the reference model a second version of it (``TRIAL_VERSION``, its
+    threshold ``TRIAL_THRESHOLD``); returns (model id, installed version, trial version)."""
+    package = folder / TRIAL_FOLDER
+    shutil.copytree(PROJECT_ROOT / "models" / REFERENCE_MODEL, package, dirs_exist_ok=True)
+    manifest = yaml.safe_load((package / "manifest.yaml").read_text())
+    installed = str(manifest["version"])
+    manifest["version"] = TRIAL_VERSION
+    for output in manifest["outputs"]:
+        output["threshold"] = TRIAL_THRESHOLD
+    (package / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return REFERENCE_MODEL, installed, TRIAL_VERSION

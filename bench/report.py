@@ -79,7 +79,22 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                  _ok(m["met"])))
     if "web" in s:
         rows += web_targets(s["web"])
+    if "shadow" in s:
+        rows += shadow_targets(s["shadow"])
     return rows
+
+
+def shadow_targets(sh: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The shadow section's row: the active version's TTN without and with a shadow."""
+    without, with_shadow = sh["without"], sh["with"]
+    srs = without["one_sr_each"] and with_shadow["one_sr_each"]
+    return [(f"Active TTN p95 without / with a shadow version, head CT ({sh['slices']} "
+             f"slices, one every {sh['interval_seconds']:g} s)", "n/a (measured)",
+             f"{without['ttn']['p95']:.2f} s / {with_shadow['ttn']['p95']:.2f} s "
+             f"({sh['p95_ratio']:.2f}x); {with_shadow['shadow_analyses']} shadow analyses "
+             f"of {with_shadow['studies']} studies; "
+             + ("one SR per study" if srs else "**not one SR per study**"),
+             "n/a" if srs else "**not met**")]
 
 
 def web_targets(w: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -149,7 +164,29 @@ def markdown(results: dict[str, Any]) -> str:
                           e["pipeline"]["cpu_seconds_per_study"].items()) + ".", ""]
     if "web" in s:
         lines += web_markdown(s["web"])
+    if "shadow" in s:
+        lines += shadow_markdown(s["shadow"])
     return "\n".join(lines) + "\n"
+
+
+def shadow_markdown(sh: dict[str, Any]) -> list[str]:
+    """The shadow section's table: each phase's active TTN, shadow analyses and SRs."""
+    lines = ["## Shadow trials", "",
+             f"{sh['model']} {sh['active_version']} active; {sh['trial_version']} (threshold "
+             f"{sh['trial_threshold']:g}) retired, then in shadow. {sh['studies']} head CTs "
+             f"of {sh['slices']} slices per phase, one every {sh['interval_seconds']:g} s.", "",
+             "| trial version | active TTN p50 | p95 | max | shadow analyses | shadow queue "
+             "drained after the last active result | one SR per study |",
+             "|---|---|---|---|---|---|---|"]
+    for name in ("without", "with"):
+        ph = sh[name]
+        st = ph["ttn"]
+        drain = (f"{ph['shadow_drain_seconds']:.1f} s" if ph["shadow_drained"]
+                 else "**not drained**")
+        lines.append(f"| {ph['trial_state']} | {st['p50']:.2f} s | {st['p95']:.2f} s | "
+                     f"{st['max']:.2f} s | {ph['shadow_analyses']} of {ph['studies']} | "
+                     f"{drain} | {'yes' if ph['one_sr_each'] else '**no**'} |")
+    return [*lines, ""]
 
 
 def web_markdown(w: dict[str, Any]) -> list[str]:

@@ -62,6 +62,18 @@ Results JSON (``latest.json``); every duration is in seconds unless its name say
                            dom_content_loaded, load, first_contentful_paint, html_bytes, rows}
                    (the worklist page in Chromium: see bench/web.py; STATS of first_page
                    are over the loads after the cold one)
+      shadow:      {model, active_version, trial_version, trial_threshold, studies, slices,
+                    interval_seconds, states_seconds, p95_ratio,
+                    without: PHASE (the trial version retired),
+                    with: PHASE (the trial version in shadow)}
+                   PHASE = {trial_state, studies, ttn: STATS (of the active result),
+                            summary: {ttn|stable_wait|...|other: STATS}, records: [...],
+                            shadow_analyses, shadow_drain_seconds, one_sr_each,
+                            sr_counts: {n_srs: studies}}
+                   (head CT studies sent one every interval_seconds without waiting for
+                   the previous; shadow_analyses counts the rows of role 'shadow' in
+                   PostgreSQL's analyses for the phase's studies, once the shadow queue has
+                   drained, taking shadow_drain_seconds after the last active result)
 """
 
 from __future__ import annotations
@@ -84,6 +96,7 @@ import httpx
 import numpy as np
 from rq import Queue
 from rq.job import Job
+from rq.registry import StartedJobRegistry
 
 from bench import api_load, report, web
 from bench.limit import measure_limit
@@ -94,19 +107,24 @@ from bench.measure import (
     ttn_breakdown,
     wait_analysed,
 )
-from bench.models import RADIOGRAPH_MODEL, write_models
+from bench.models import RADIOGRAPH_MODEL, TRIAL_THRESHOLD, write_models, write_trial_model
 from bench.stack import WORKERS, BenchStack
 from bench.studies import head_ct, radiograph
 from triage.ingest import snapshot_study
+from triage.queues import QueueName
+from triage.registry import ModelRegistry
 from triage.settings import PROJECT_ROOT
 from triage.tokens import create_token
-from triage.uids import derived_uid
+from triage.uids import derived_uid, sr_series_uid
+from triage.vigilance import db, recording
+from triage.vigilance.records import register_version, set_state
 from triage.worklist import DEFAULT_PAGE_SIZE, StudyStatus, WorklistPage
 
 DEFAULT_OUTPUT = PROJECT_ROOT / "bench" / "results"
 SECTIONS = frozenset({"ingest", "ttn", "efficiency", "urgent_backlog", "memory", "api",
-                      "web"})
+                      "web", "shadow"})
 MEMORY_GROWTH_LIMIT_PERCENT = 5.0
+BENCH_ACTOR = "bench"  # who changes the version states in the shadow section
 
 
 @dataclass(frozen=True)
@@ -135,6 +153,8 @@ class Config:
     web_loads: int = 20
     web_changes: int = 30
     web_change_interval: float = 0.3
+    shadow_studies: int = 20
+    shadow_interval: float = 3.0
 
 
 SMOKE = Config(stable_age=1, ttn_radiographs=2, ttn_head_cts=1, ct_slices=10,
@@ -144,7 +164,7 @@ SMOKE = Config(stable_age=1, ttn_radiographs=2, ttn_head_cts=1, ct_slices=10,
                api_seconds=2.0, api_paced_seconds=2.0, api_think_seconds=0.5,
                api_changes_per_second=5.0, api_capacity_seconds=1.0,
                api_capacity_think_seconds=(0.1,), web_studies=200, web_loads=3,
-               web_changes=3)
+               web_changes=3, shadow_studies=1, shadow_interval=0.5)
 
 
 def study_uid(key: str) -> str:
@@ -152,13 +172,15 @@ def study_uid(key: str) -> str:
 
 
 class Bench:
-    def __init__(self, config: Config, work: Path) -> None:
+    def __init__(self, config: Config, work: Path, *, trial: bool = False) -> None:
         self.config = config
         self.work = work
         self.files = work / "files"
         self.files.mkdir(parents=True)
         self.models_dir = work / "models"
         self.models = write_models(self.models_dir)
+        # (model, installed version, version on trial) of the shadow section.
+        self.trial = write_trial_model(self.models_dir) if trial else None
         self.stack = BenchStack(work / "data", self.models_dir, config.stable_age)
         self.tag = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
         self.sampler: MemorySampler | None = None
@@ -400,6 +422,129 @@ class Bench:
             raise RuntimeError(f"worklist answered {len(page.items)} items of {page.total}")
         return len(page.items)
 
+    def register_trial(self) -> None:
+        """Record the installed head-CT version active and the one on trial retired before
+        the workers start, so that no other section runs it in shadow (a worker registering
+        a fresh installation would put the later version in shadow at once)."""
+        assert self.trial is not None
+        model, installed, trial = self.trial
+        registry = ModelRegistry.load(self.models_dir)
+        sha = {p.manifest.version: p.manifest.sha256 for p in registry.packages
+               if p.manifest.id == model}
+        with db.connect(self.stack.settings) as conn:
+            for version in (installed, trial):
+                register_version(conn, model, version, sha[version], BENCH_ACTOR)
+            set_state(conn, model, trial, "retired", BENCH_ACTOR)
+            conn.commit()
+
+    def set_trial_state(self, state: str, *, wait: bool = True) -> None:
+        """Put the trial version in ``state``; when that changed it and ``wait``, wait until
+        every worker has read it anew."""
+        assert self.trial is not None
+        model, _, trial = self.trial
+        with db.connect(self.stack.settings) as conn:
+            changed = set_state(conn, model, trial, state, BENCH_ACTOR)
+            conn.commit()
+        if changed and wait:
+            time.sleep(self.stack.settings.vigilance_states_seconds + 0.5)
+
+    def shadow(self) -> dict[str, Any]:
+        """The active head-CT version's TTN with no version in shadow, then with one: head
+        CT studies sent at a steady pace, the trial version switched between ``retired``
+        and ``shadow`` in PostgreSQL while the workers run."""
+        assert self.trial is not None
+        c = self.config
+        model, installed, trial = self.trial
+        phases = {}
+        for name, state in (("without", "retired"), ("with", "shadow")):
+            self.set_trial_state(state)
+            phases[name] = self.shadow_phase(name, state)
+        self.set_trial_state("retired", wait=False)  # the last section: nothing runs after it
+        without, with_shadow = (phases[n]["ttn"]["p95"] for n in ("without", "with"))
+        return {"model": model, "active_version": installed, "trial_version": trial,
+                "trial_threshold": TRIAL_THRESHOLD, "studies": c.shadow_studies,
+                "slices": c.ct_slices, "interval_seconds": c.shadow_interval,
+                "states_seconds": self.stack.settings.vigilance_states_seconds,
+                "p95_ratio": with_shadow / without, **phases}
+
+    def shadow_phase(self, name: str, state: str) -> dict[str, Any]:
+        """``shadow_studies`` head CTs, one every ``shadow_interval`` seconds (the next one
+        written while waiting); then the active results, the shadow analyses once their
+        queue has drained, and the SRs of each study."""
+        c = self.config
+        keys = [self.key(f"shadow-{name}", n) for n in range(c.shadow_studies)]
+        acked: dict[str, float] = {}
+        files = head_ct(self.files, keys[0], c.ct_slices)
+        started = time.monotonic()
+        for n, key in enumerate(keys):
+            delay = started + n * c.shadow_interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            acked[key] = self.stack.storescu(files)
+            shutil.rmtree(files[0].parent)
+            self.alive()
+            if n + 1 < len(keys):
+                files = head_ct(self.files, keys[n + 1], c.ct_slices)
+        uids = [study_uid(k) for k in keys]
+        final = wait_analysed(self.stack.worklist, uids, self.timeout(len(uids) * c.ct_slices),
+                              self.alive)
+        ended = {s for s in final.values() if s != StudyStatus.ANALYSED.value}
+        if ended:
+            raise RuntimeError(f"shadow-phase studies ended {', '.join(sorted(ended))}")
+        records = [ttn_breakdown(self.redis, study_uid(k), acked[k]) for k in keys]
+        last_active = max(acked[k] + r["ttn"] for k, r in zip(keys, records, strict=True))
+        expected = len(uids) if state == "shadow" else 0
+        count, drained = self._wait_shadow_analyses(uids, expected,
+                                                    timeout=60.0 + 30.0 * expected)
+        srs = [self._sr_count(uid) for uid in uids]
+        self.stack.delete_all_studies()
+        stats = breakdown_summary(records)
+        return {"trial_state": state, "studies": len(uids), "ttn": stats["ttn"],
+                "summary": stats, "records": records, "shadow_analyses": count,
+                "shadow_drained": drained,
+                "shadow_drain_seconds": max(0.0, time.time() - last_active) if expected
+                else 0.0,
+                "one_sr_each": all(n == 1 for n in srs),
+                "sr_counts": {str(n): srs.count(n) for n in sorted(set(srs))}}
+
+    def _wait_shadow_analyses(self, uids: list[str], expected: int,
+                              timeout: float) -> tuple[int, bool]:
+        """Wait until the shadow queue is empty and idle twice in a row (a deferred shadow
+        job queues itself again before it ends) with ``expected`` shadow analyses recorded
+        for ``uids``, moving the records waiting in Redis to PostgreSQL meanwhile; returns
+        the count, and whether the queue drained within ``timeout``."""
+        queue = Queue(QueueName.SHADOW.value, connection=self.redis)
+        running = StartedJobRegistry(QueueName.SHADOW.value, connection=self.redis)
+        deadline = time.monotonic() + timeout
+        idle_before = False
+        while True:
+            idle = running.count == 0 and queue.count == 0
+            recording.flush(self.redis, self.stack.settings)
+            count = self._shadow_count(uids)
+            if idle and idle_before and count >= expected:
+                return count, True
+            if time.monotonic() > deadline:
+                return count, False
+            idle_before = idle
+            self.alive()
+            time.sleep(0.25)
+
+    def _shadow_count(self, uids: list[str]) -> int:
+        with db.connect(self.stack.settings) as conn:
+            row = conn.execute("SELECT count(*) FROM analyses WHERE role = 'shadow' "
+                               "AND study_uid = ANY(%s)", (uids,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _sr_count(self, uid: str) -> int:
+        """The SR instances the service wrote into the study (its own SR series)."""
+        assert self.stack.orthanc is not None
+        item = self.stack.worklist.get(uid)
+        if item is None:
+            raise RuntimeError(f"study {uid} left the worklist")
+        series_uid = str(sr_series_uid(uid))
+        return sum(len(s["Instances"]) for s in self.stack.orthanc.study_series(item.orthanc_id)
+                   if s["MainDicomTags"].get("SeriesInstanceUID") == series_uid)
+
     # -- the whole run ---------------------------------------------------------------------
 
     def run(self, only: frozenset[str] = SECTIONS) -> dict[str, Any]:
@@ -408,6 +553,9 @@ class Bench:
         sections: dict[str, Any] = {}
         self.stack.start_servers()
         try:
+            if "shadow" in only:
+                self.stack.start_postgres()
+                self.register_trial()
             if "ingest" in only:
                 sections["ingest"] = self.ingest_section()
             else:
@@ -433,6 +581,8 @@ class Bench:
                 sections["api"] = self.api()
             if "web" in only:
                 sections["web"] = self.web()
+            if "shadow" in only:
+                sections["shadow"] = self.shadow()
             versions = self._versions()
         finally:
             self.stack.stop()
@@ -568,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC)
     ok = False
     try:
-        bench = Bench(config, work)
+        bench = Bench(config, work, trial="shadow" in only)
         outcome = bench.run(only)
         ok = True
     finally:

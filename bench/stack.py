@@ -1,6 +1,8 @@
 """The benchmark's own local stack: real Orthanc and Redis, and the service's processes.
 
-Orthanc and Redis are started as ``triage up`` starts them (``triage.servers``); the watcher,
+Orthanc and Redis are started as ``triage up`` starts them (``triage.servers``), and the
+local PostgreSQL of the vigilance records when a section needs it (``start_postgres``, with
+durability off: the records are thrown away with the run); the watcher,
 the workers and the API are ``python -m triage.cli`` subprocesses. Everything runs on free
 ports in a temporary data directory and is stopped by PID.
 """
@@ -22,9 +24,11 @@ from triage.orthanc import OrthancClient
 from triage.servers import (
     ManagedProcess,
     orthanc_process,
+    postgres_process,
     redis_process,
     wait_for_http,
     wait_for_orthanc,
+    wait_for_postgres,
     wait_for_redis,
 )
 from triage.settings import Settings
@@ -57,8 +61,13 @@ class BenchStack:
             "TRIAGE_REDIS_PORT": str(free_port()),
             "TRIAGE_API_PORT": str(free_port()),
             "TRIAGE_STABLE_AGE": str(stable_age),
+            "TRIAGE_POSTGRES_PORT": str(free_port()),
+            # A change of a version's state reaches the workers within a second.
+            "TRIAGE_VIGILANCE_STATES_SECONDS": "1",
         }
-        # This process reads the same settings as its children (Settings() from TRIAGE_).
+        # This process reads the same settings as its children (Settings() from TRIAGE_);
+        # the records go to the stack's own PostgreSQL, never to a configured one.
+        os.environ.pop("TRIAGE_DATABASE_URL", None)
         os.environ.update(self.env)
         self.settings = Settings()
         self.servers: list[ManagedProcess] = []
@@ -84,6 +93,18 @@ class BenchStack:
         wait_for_redis(self.settings, redis_server)
         self.orthanc = OrthancClient.from_settings(self.settings)
         self.redis = redis.Redis.from_url(self.settings.redis_connection_url)
+
+    def start_postgres(self) -> None:
+        """The local PostgreSQL of the vigilance records, migrated; before the service."""
+        from triage.vigilance.db import connect, migrate
+
+        postgres = postgres_process(self.settings, fast=True)
+        self.servers.append(postgres)
+        postgres.start()
+        wait_for_postgres(self.settings, postgres)
+        with connect(self.settings) as connection:
+            migrate(connection)
+            connection.commit()
 
     @property
     def worklist(self) -> Worklist:

@@ -20,7 +20,8 @@ from triage.settings import PROJECT_ROOT
 pytest.importorskip("matplotlib")
 pytestmark = pytest.mark.servers
 
-SECTIONS = ("ttn", "efficiency", "urgent_backlog", "ingest", "api", "memory", "web")
+SECTIONS = ("ttn", "efficiency", "urgent_backlog", "ingest", "api", "memory", "web",
+            "shadow")
 STATS = ("n", "p50", "p95", "p99", "max", "mean")
 
 
@@ -84,6 +85,18 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert len(memory["samples"]) >= 2 and memory["workers"]
     for worker in memory["workers"].values():
         assert worker["last_kib"] > 0 and _number(worker["growth_percent"])
+    shadow = s["shadow"]
+    for phase, state in (("without", "retired"), ("with", "shadow")):
+        ph = shadow[phase]
+        assert ph["trial_state"] == state
+        _stats(ph["ttn"])
+        assert ph["ttn"]["p50"] > 0 and ph["studies"] == results["config"]["shadow_studies"]
+        assert ph["one_sr_each"] is True and ph["shadow_drained"] is True
+    # Only the version in shadow runs again, once per study, and writes no SR.
+    assert shadow["without"]["shadow_analyses"] == 0
+    assert shadow["with"]["shadow_analyses"] == shadow["with"]["studies"]
+    assert _number(shadow["p95_ratio"]) and shadow["p95_ratio"] > 0
     assert results["models"]["radiograph_model_gmacs"] > 2.5
     for name in ("summary.md", "ttn.png", "memory.png", "api.png", "ratios.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+    assert "## Shadow trials" in (tmp_path / "summary.md").read_text()
