@@ -104,6 +104,16 @@ def test_records_from_a_real_ct_header() -> None:
     assert (record.age_band, record.sex, record.calling_aet) == ("40-49", "F", "CT01")
     assert [(o.code, o.flagged) for o in record.outputs] == [
         ("SCT:230000000", True), ("SCT:230000001", False)]
+
+
+def test_a_workers_snapshot_takes_the_patient_from_the_images() -> None:
+    """A worker's snapshot has no patient module: age band and sex come from the header."""
+    header = ct_small()
+    header.PatientAge, header.PatientSex = "067Y", "M"
+    [record] = build_records(snapshot(age="", sex="", study_date=""),
+                             [result(header.SeriesInstanceUID)],
+                             {header.SeriesInstanceUID: [header]}, SR, NOW)
+    assert (record.age_band, record.sex) == ("60-69", "M")
     text = record.model_dump_json()
     for identifier in ("DOE", "PID1", "ACC1", "CT_small"):
         assert identifier not in text

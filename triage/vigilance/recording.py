@@ -235,12 +235,12 @@ def build_records(snapshot: StudySnapshot, results: Iterable[ModelResult],
         attributes: Mapping[str, Any] | Any = (headers[0] if headers
                                                else snapshot.first_instance)
         # A worker's snapshot has no patient module (it skips the study's own resource):
-        # the analysed images say who the patient is, the snapshot where they are silent.
+        # where the snapshot is silent, the analysed images say who the patient is.
         band = age_band(
-            _text(_get(attributes, "PatientAge") or snapshot.patient_age),
-            _text(_get(attributes, "PatientBirthDate") or snapshot.patient_birth_date),
-            _text(_get(attributes, "StudyDate") or snapshot.study_date))
-        sex = _sex(_text(_get(attributes, "PatientSex") or snapshot.patient_sex))
+            _text(snapshot.patient_age) or _text(_get(attributes, "PatientAge")),
+            _text(snapshot.patient_birth_date) or _text(_get(attributes, "PatientBirthDate")),
+            _text(snapshot.study_date) or _text(_get(attributes, "StudyDate")))
+        sex = _sex(_text(snapshot.patient_sex) or _text(_get(attributes, "PatientSex")))
         row, column = _spacing(attributes)
         records.append(AnalysisRecord(
             study_uid=snapshot.study_instance_uid,
