@@ -246,3 +246,35 @@ def test_a_queued_study_whose_job_was_never_created_gets_one(clean_servers: Serv
     run_worker(burst=True)
     done = Worklist(servers.redis).get(item.study_instance_uid)
     assert done is not None and done.status is StudyStatus.ANALYSED
+
+
+def test_an_overdue_retry_is_queued_when_no_scheduler_runs(clean_servers: Servers,
+                                                           tmp_path: Path) -> None:
+    """A transient failure schedules a retry that RQ's scheduler queues when due; with the
+    scheduler's worker killed, the watcher's recovery queues it once it is overdue."""
+    from datetime import UTC, datetime
+
+    from rq.job import Job
+    from rq.registry import ScheduledJobRegistry
+
+    from triage.queues import queues
+    from triage.recovery import OVERDUE_AFTER_SECONDS, release_overdue
+
+    servers = clean_servers
+    storescu(servers.settings, write_study(tmp_path / "s", "head-ct-normal"))
+    watch_until(servers, Watcher(servers.settings, servers.orthanc, servers.redis), 1)
+    [item] = Worklist(servers.redis).page()[0]
+    default = queues(servers.redis)[1]
+    assert servers.redis.lrem(default.key, 0, item.job_id) == 1
+    registry = ScheduledJobRegistry(queue=default)
+    job = Job.fetch(item.job_id, connection=servers.redis)
+    due = datetime.now(UTC) - timedelta(seconds=OVERDUE_AFTER_SECONDS / 3)
+    registry.schedule(job, due)
+    assert release_overdue(servers.redis) == []  # due, but a live scheduler may take it
+    registry.schedule(job, datetime.now(UTC) - timedelta(seconds=OVERDUE_AFTER_SECONDS + 5))
+    assert release_overdue(servers.redis) == [item.job_id]
+    assert default.count == 1 and registry.count == 0
+    assert release_overdue(servers.redis) == []
+    run_worker(burst=True)
+    done = Worklist(servers.redis).get(item.study_instance_uid)
+    assert done is not None and done.status is StudyStatus.ANALYSED

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import redis
 from rq.exceptions import NoSuchJobError
@@ -81,7 +82,40 @@ def recover_abandoned(connection: redis.Redis, *,
             registry.remove_executions(job)
             recovered.append(_requeue(queue, job, worklist))
     recovered += _recover_popped(connection, worklist, stranded_after)
+    recovered += release_overdue(connection)
     return recovered
+
+
+# A live RQ scheduler moves a due job to its queue within a second or two.
+OVERDUE_AFTER_SECONDS = 15
+
+
+def release_overdue(connection: redis.Redis, *,
+                    overdue_after: float = OVERDUE_AFTER_SECONDS) -> list[str]:
+    """Queue the jobs waiting for a retry (or for RQ's own handling of an abandoned job)
+    whose time is ``overdue_after`` seconds past; returns their ids.
+
+    RQ's scheduler runs inside one worker at a time, under a lock. When that worker is
+    killed, the lock outlives it and the other workers try to take it over only every few
+    minutes; until then a study whose retry is due would wait. Each job is claimed by
+    removing it from the registry first, so a job is queued once even when the scheduler
+    comes back at the same moment.
+    """
+    released = []
+    cutoff = int(time.time() - overdue_after)
+    for queue in queues(connection):
+        registry = ScheduledJobRegistry(queue=queue)
+        for job_id in registry.get_jobs_to_schedule(cutoff):
+            if not connection.zrem(registry.key, job_id):
+                continue  # the scheduler took it meanwhile
+            job = _fetch(connection, job_id)
+            if job is None:
+                continue
+            queue.enqueue_job(job)
+            log.warning("job %s: its retry was overdue (RQ's scheduler is not running); "
+                        "queued", job_id)
+            released.append(job_id)
+    return released
 
 
 def _recover_popped(connection: redis.Redis, worklist: Worklist,

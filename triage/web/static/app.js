@@ -344,6 +344,19 @@
     });
     document.getElementById("help-open").addEventListener(
       "click", () => document.getElementById("help").showModal());
+    // The keyboard's place in the list survives a dialog: a live update while the help is
+    // open may replace the row that had focus, and closing the dialog would then leave
+    // focus nowhere; it goes back to the same study's row.
+    let lastRowId = null;
+    document.addEventListener("focusin", (e) => {
+      const row = e.target.closest ? e.target.closest("#rows tr.row") : null;
+      if (row) lastRowId = row.id;
+    });
+    document.getElementById("help").addEventListener("close", () => {
+      if (focused()) return;
+      const row = lastRowId ? document.getElementById(lastRowId) : null;
+      if (row) { row.tabIndex = 0; row.focus(); }
+    });
     document.getElementById("rows").addEventListener("click", (e) => {
       const row = e.target.closest("tr.row");
       if (!row) return;
