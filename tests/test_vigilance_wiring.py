@@ -169,6 +169,10 @@ def test_vigilance_through_the_pipeline(drill: tuple[Settings, Pager], clean_ser
         assert item is not None and item.status is StudyStatus.ANALYSED, case
         assert item.findings[0].positive == case.flagged, (case, item.findings[0].probability)
 
+    with connect(settings) as conn:  # every arrival counted once, by modality
+        assert conn.execute("SELECT modality, count(*) FROM arrivals GROUP BY modality"
+                            ).fetchall() == [("CT", len(cases))]
+
     os.environ["TRIAGE_VIGILANCE_CLOCK_OFFSET_DAYS"] = "0"
     client = TestClient(create_app(Settings()))
     admin = {"Authorization": "Bearer " + create_token(servers.redis, role=Role.ADMIN,

@@ -109,7 +109,6 @@ def analyse_study(orthanc_id: str, study_instance_uid: str, inputs: str) -> str:
     if started is None:
         log.info("study %s: job superseded by a newer set of instances", key)
         return SUPERSEDED
-    _record_arrival(ctx, started)
     measurement = StudyMeasurement()
     roles = ctx.states.roles()
     try:
@@ -166,17 +165,6 @@ def _flush_records(ctx: WorkerContext) -> None:
         recording.flush(ctx.redis, ctx.settings)
     except Exception as exc:
         log.warning("vigilance records not flushed (%s)", type(exc).__name__)
-
-
-def _record_arrival(ctx: WorkerContext, item: WorklistItem) -> None:
-    """Count the study's arrival for the volume watch of the vigilance (once per study: a
-    re-analysis is not a new arrival). Never worth the analysis: errors are logged."""
-    try:
-        recording.enqueue_arrival(ctx.redis, item.study_instance_uid, item.modality or None,
-                                  clock.now(ctx.settings))
-    except Exception as exc:
-        log.warning("study %s: arrival not recorded (%s)",
-                    pseudonym(item.study_instance_uid), type(exc).__name__)
 
 
 def _no_retry() -> None:

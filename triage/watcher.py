@@ -40,6 +40,7 @@ from triage.recovery import recover_abandoned
 from triage.settings import Settings
 from triage.uids import job_id as make_job_id
 from triage.uids import own_series_uids
+from triage.vigilance import clock, recording
 from triage.worklist import StudyStatus, Worklist, WorklistItem, utcnow
 
 log = logging.getLogger(__name__)
@@ -331,6 +332,7 @@ class Watcher:
             return False
         if timed:
             self._note_queued(snapshot, job_id)
+        self._record_arrival(snapshot)
         # The worklist upsert above was fenced in its transaction, and so is the enqueue: a
         # leader that lost its lease in between writes the item but no job, and the new
         # leader, finding no pending job for it, queues the study itself.
@@ -364,6 +366,18 @@ class Watcher:
             raise
         except Exception as exc:
             log.warning("study %s: arrival not noted for the metrics (%s)",
+                        pseudonym(snapshot.study_instance_uid), type(exc).__name__)
+
+    def _record_arrival(self, snapshot: StudySnapshot) -> None:
+        """Count the study's arrival for the vigilance's volume watch (the first time it is
+        queued; a study queued again is not a new arrival). Counted here rather than by a
+        worker, so that studies still arrive in the records while every worker is down.
+        Never holds up a study: errors are logged."""
+        try:
+            recording.enqueue_arrival(self.redis, snapshot.study_instance_uid,
+                                      snapshot.modalities or None, clock.now(self.settings))
+        except Exception as exc:
+            log.warning("study %s: arrival not recorded for the vigilance (%s)",
                         pseudonym(snapshot.study_instance_uid), type(exc).__name__)
 
     @staticmethod

@@ -317,7 +317,10 @@ def test_a_worker_container_killed_mid_batch_loses_no_study(site: Site) -> None:
     uids = site.send_ok(site.studies(24, "batch"))
 
     def busy_worker() -> str | None:
-        return next((w["hostname"] for w in stack.probe("workers") if w["job"]), None)
+        # A worker analysing a study; not one running the hourly vigilance check or a
+        # delivery, which may come after the batch.
+        return next((w["hostname"] for w in stack.probe("workers")
+                     if str(w["job"] or "").startswith("analyse-")), None)
 
     hostname = wait_until(busy_worker, timeout=60, what="a worker analysing a study",
                           every=0.2)
