@@ -5,6 +5,7 @@ are reachable (neither is published): `python - QUERY < probe.py` prints one JSO
   worklist   every worklist item: study, status, priority, job
   queues     the job ids on each RQ queue, in order
   workers    each registered RQ worker's hostname and current job
+  progress   the workers and the studies not yet terminal, read together
   srs        per Study Instance UID in Orthanc: its number of SR instances
   cursor     the watcher cursor, one line every 50 ms, until killed
 """
@@ -52,6 +53,14 @@ def workers() -> list[dict[str, object]]:
             for w in rq.Worker.all(connection=connection)]
 
 
+def progress() -> dict[str, object]:
+    """The workers and the studies not yet in a terminal status, read together (one exec),
+    so that a test can act while a batch is still under way."""
+    items, _total = Worklist(connection).page(10_000)
+    return {"workers": workers(),
+            "pending": [i.study_instance_uid for i in items if not i.status.terminal]}
+
+
 def srs() -> dict[str, int]:
     auth = (settings.orthanc_username, settings.orthanc_secret or "")
     counts: dict[str, int] = {}
@@ -67,12 +76,15 @@ def srs() -> dict[str, int]:
 
 def cursor() -> None:
     while True:
-        print(int(connection.get(CURSOR_KEY) or 0), flush=True)
+        try:
+            print(int(connection.get(CURSOR_KEY) or 0), flush=True)
+        except redis.RedisError as error:  # a sample lost, not the sampler
+            print(f"unread: {type(error).__name__}", file=sys.stderr, flush=True)
         time.sleep(0.05)
 
 
 QUERIES = {"lease": lease, "worklist": worklist, "queues": queues, "workers": workers,
-           "srs": srs}
+           "progress": progress, "srs": srs}
 
 if __name__ == "__main__":
     if sys.argv[1] == "cursor":

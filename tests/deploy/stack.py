@@ -17,7 +17,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tests.conftest import free_port  # noqa: F401 - the suite's own, used by the deploy tests
 
@@ -194,12 +194,13 @@ class Stack:
         raise AssertionError(f"probe {query}: {done.returncode}\n"
                              f"{done.stderr.decode(errors='replace')[-3000:]}")
 
-    def cursor_sampler(self) -> subprocess.Popen[str]:
-        """A process printing the watcher cursor every 50 ms (stop it with .kill())."""
+    def cursor_sampler(self, errors: IO[str]) -> subprocess.Popen[str]:
+        """A process printing the watcher cursor every 50 ms (stop it with .kill()); what
+        it says on stderr goes to ``errors``, for the test's message."""
         process = subprocess.Popen(
             ["podman", "exec", "-i", self.container("api"), "python", "-", "cursor"],
             env=self.engine.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True)
+            stderr=errors, text=True)
         assert process.stdin is not None
         process.stdin.write(PROBE.read_text())
         process.stdin.close()

@@ -19,6 +19,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -314,16 +315,20 @@ def test_senders_off_the_allow_list_are_refused_and_logged_without_patient_data(
 
 def test_a_worker_container_killed_mid_batch_loses_no_study(site: Site) -> None:
     stack = site.stack
-    uids = site.send_ok(site.studies(24, "batch"))
+    uids = site.send_ok(site.studies(36, "batch"))
 
     def busy_worker() -> str | None:
-        # A worker analysing a study; not one running the hourly vigilance check or a
-        # delivery, which may come after the batch.
-        return next((w["hostname"] for w in stack.probe("workers")
+        # A worker analysing a study of the batch while enough of the batch is left that it
+        # is still under way once the kill lands (a probe takes a few tenths of a second);
+        # not one running the hourly vigilance check or a delivery.
+        state = stack.probe("progress")
+        if len(set(state["pending"]) & set(uids)) < len(uids) // 3:
+            return None
+        return next((w["hostname"] for w in state["workers"]
                      if str(w["job"] or "").startswith("analyse-")), None)
 
-    hostname = wait_until(busy_worker, timeout=60, what="a worker analysing a study",
-                          every=0.2)
+    hostname = wait_until(busy_worker, timeout=60, what="a worker analysing a study early "
+                          "in the batch", every=0.1)
     victim = next(c for c in stack.containers("worker") if stack.hostname(c) == hostname)
     site.crash(victim)
     pending = [i for i in stack.probe("worklist")
@@ -380,7 +385,8 @@ def test_a_leader_paused_past_its_lease_neither_queues_twice_nor_moves_the_curso
     # No workers for a while: what the watchers queue stays on the queues to be counted.
     stack.compose("up", "-d", "--scale", "worker=0")
     wait_until(lambda: not stack.containers("worker"), timeout=120, what="workers stopped")
-    sampler = stack.cursor_sampler()
+    errors = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed below
+    sampler = stack.cursor_sampler(errors)
     try:
         hostname, container = site.current_leader()
         first = site.send_ok(site.studies(3, "pausea"))
@@ -412,7 +418,10 @@ def test_a_leader_paused_past_its_lease_neither_queues_twice_nor_moves_the_curso
     assert set(on_queues.values()) == {1}, on_queues  # no job queued twice
     assert set(on_queues) == {items[uid]["job"] for uid in [*first, *second]}
     cursors = [int(line) for line in out.split()]
-    assert len(cursors) > 50
+    errors.seek(0)
+    said = errors.read()
+    errors.close()
+    assert len(cursors) > 50, f"the cursor sampler printed {len(cursors)} lines: {said}"
     assert all(a <= b for a, b in zip(cursors, cursors[1:], strict=False)), \
         "the watcher cursor went down"
     stack.compose("up", "-d", "--scale", "worker=3")
