@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -118,24 +119,48 @@ def clean_servers(servers: Servers) -> Servers:
     return servers
 
 
-__all__ = ["ManagedProcess", "Servers", "free_port", "stack_env"]
+__all__ = ["ManagedProcess", "Servers", "free_port", "serve_api", "stack_env"]
 
 
-@pytest.fixture
-def live_api(clean_servers: Servers) -> Iterator[str]:
-    """The API served by uvicorn on a free port, in a thread of the test process."""
+@contextmanager
+def serve_api(settings: Settings) -> Iterator[str]:
+    """The API and pages of ``settings`` served by uvicorn on a free port, in a thread of the
+    test process; yields the base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(clean_servers.settings),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def live_api(clean_servers: Servers) -> Iterator[str]:
+    """The API served by uvicorn on a free port, in a thread of the test process."""
+    with serve_api(clean_servers.settings) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def redis_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A Redis of the module's own (for the API's tokens and the audit trail), without
+    Orthanc."""
+    settings = Settings(data_dir=tmp_path_factory.mktemp("redis-only"), redis_port=free_port())
+    process = redis_process(settings)
+    process.start()
+    try:
+        wait_for_redis(settings, process)
+        yield settings
+    finally:
+        process.stop()
 
 
 # -- PostgreSQL of the vigilance records ---------------------------------------------------

@@ -31,7 +31,6 @@ from triage.api.app import create_app
 from triage.audit import AUDIT_KEY
 from triage.cli import main
 from triage.queues import VIGILANCE_QUEUE
-from triage.servers import redis_process, wait_for_redis
 from triage.settings import Settings, Webhook
 from triage.tokens import Role, create_token
 from triage.vigilance import trail
@@ -112,19 +111,6 @@ def kinds(raised: list[Any]) -> list[tuple[str, str | None]]:
 
 
 # -- Redis, webhook receiver -----------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def redis_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("vigilance-drift"),
-                        redis_port=free_port())
-    process = redis_process(settings)
-    process.start()
-    try:
-        wait_for_redis(settings, process)
-        yield settings
-    finally:
-        process.stop()
-
 
 @pytest.fixture
 def store(redis_settings: Settings, vigilance_database: Settings) -> Iterator[Settings]:
@@ -518,16 +504,23 @@ def test_checks_are_scheduled_once_per_slot(store: Settings) -> None:
     assert slot % (store.vigilance_check_minutes * 60) == 0
 
 
-def test_the_check_command_prints_the_alerts(
-        store: Settings, vigilance_db: psycopg.Connection,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    add_version(vigilance_db)
-    simulate(vigilance_db, random.Random(12), 0, 27, rate_from=(20, 0.45))
+def _a_flag_rate_step_seen_on_day_26(store: Settings, conn: psycopg.Connection,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A version whose flag rate steps up on day 20, and the environment of a command run
+    with the vigilance clock on day 26."""
+    add_version(conn)
+    simulate(conn, random.Random(12), 0, 27, rate_from=(20, 0.45))
     offset = (at(26, 10) - datetime.now(UTC)).total_seconds() / 86400
     monkeypatch.setenv("TRIAGE_DATA_DIR", str(store.data_dir))
     monkeypatch.setenv("TRIAGE_REDIS_PORT", str(store.redis_port))
     monkeypatch.setenv("TRIAGE_DATABASE_URL", str(store.database_url))
     monkeypatch.setenv("TRIAGE_VIGILANCE_CLOCK_OFFSET_DAYS", str(offset))
+
+
+def test_the_check_command_prints_the_alerts(
+        store: Settings, vigilance_db: psycopg.Connection,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _a_flag_rate_step_seen_on_day_26(store, vigilance_db, monkeypatch)
     result = CliRunner().invoke(main, ["vigilance", "check"])
     assert result.exit_code == 0, result.output
     assert "output-cusum: head-ct-hyperdensity 1.0: the daily flag rate of ich rose" in (
@@ -539,13 +532,7 @@ def test_the_check_command_prints_the_alerts(
 def test_a_worker_runs_the_scheduled_check_and_schedules_the_next(
         store: Settings, vigilance_db: psycopg.Connection,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    add_version(vigilance_db)
-    simulate(vigilance_db, random.Random(12), 0, 27, rate_from=(20, 0.45))
-    offset = (at(26, 10) - datetime.now(UTC)).total_seconds() / 86400
-    monkeypatch.setenv("TRIAGE_DATA_DIR", str(store.data_dir))
-    monkeypatch.setenv("TRIAGE_REDIS_PORT", str(store.redis_port))
-    monkeypatch.setenv("TRIAGE_DATABASE_URL", str(store.database_url))
-    monkeypatch.setenv("TRIAGE_VIGILANCE_CLOCK_OFFSET_DAYS", str(offset))
+    _a_flag_rate_step_seen_on_day_26(store, vigilance_db, monkeypatch)
     jobs.context.cache_clear()
     connection = redis.Redis.from_url(store.redis_connection_url)
     queue = Queue(VIGILANCE_QUEUE, connection=connection)

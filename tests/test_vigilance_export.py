@@ -12,7 +12,6 @@ import hmac
 import io
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -30,7 +29,6 @@ from tests.conftest import free_port
 from triage import cli
 from triage.api.app import create_app
 from triage.audit import records as audit_records
-from triage.servers import redis_process, wait_for_redis
 from triage.settings import SECRETS_FILE, Settings
 from triage.tokens import Role, create_token
 from triage.vigilance.export import (
@@ -419,19 +417,6 @@ def test_export_key_is_generated_once_or_given(tmp_path: Path,
 
 
 # -- the admin API and the command -----------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def redis_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("vigilance-export"),
-                        redis_port=free_port())
-    process = redis_process(settings)
-    process.start()
-    try:
-        wait_for_redis(settings, process)
-        yield settings
-    finally:
-        process.stop()
-
 
 def audited(connection: redis.Redis, action: str) -> list[dict[str, Any]]:
     found = [json.loads(raw) for _, raw in audit_records(connection)]

@@ -6,7 +6,6 @@ suppression of small cells; and the admin API that serves them."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
@@ -18,7 +17,6 @@ from scipy.stats import binomtest
 
 from tests.conftest import free_port
 from triage.api.app import create_app
-from triage.servers import redis_process, wait_for_redis
 from triage.settings import Settings
 from triage.tokens import Role, create_token
 from triage.vigilance.figures import (
@@ -310,20 +308,6 @@ def test_subgroups_and_suppression(vigilance_db: psycopg.Connection) -> None:
 
 
 # -- The admin API -------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def redis_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """A Redis of its own for the API's tokens (no Orthanc needed here)."""
-    settings = Settings(data_dir=tmp_path_factory.mktemp("vigilance-api"),
-                        redis_port=free_port())
-    process = redis_process(settings)
-    process.start()
-    try:
-        wait_for_redis(settings, process)
-        yield settings
-    finally:
-        process.stop()
-
 
 def api(redis_settings: Settings, database_url: str) -> tuple[TestClient, redis.Redis]:
     settings = redis_settings.model_copy(update={"database_url": database_url})

@@ -12,21 +12,18 @@ from __future__ import annotations
 import json
 import os
 import random
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from playwright.sync_api import expect, sync_playwright
 from statsmodels.stats.proportion import proportion_confint
 
 from tests.browser import launch, offline_context, sign_in
-from tests.conftest import Servers, free_port
+from tests.conftest import Servers, serve_api
 from tests.headct import HeadCT, study_uid, write_head_ct
 from tests.senders import storescu
 from tests.test_delivery import Pager
@@ -316,29 +313,15 @@ def _drift(client: TestClient, admin: dict[str, str], servers: Servers, pager: P
 
 def _console_shows(settings: Settings, token: str, kinds: set[str]) -> None:
     """The vigilance page, served as the API serves it, lists an open alert of each kind."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with sync_playwright() as playwright:
-            browser = launch(playwright)
-            try:
-                with offline_context(browser) as (context, _):
-                    page = context.new_page()
-                    sign_in(page, base, token, "/admin/vigilance")
-                    listed = page.locator("#v-alerts")
-                    for kind in sorted(kinds):
-                        expect(listed).to_contain_text(kind, timeout=15_000)
-                    assert page.locator("#v-alerts li.v-alert").count() >= len(kinds)
-            finally:
-                browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve_api(settings) as base, sync_playwright() as playwright:
+        browser = launch(playwright)
+        try:
+            with offline_context(browser) as (context, _):
+                page = context.new_page()
+                sign_in(page, base, token, "/admin/vigilance")
+                listed = page.locator("#v-alerts")
+                for kind in sorted(kinds):
+                    expect(listed).to_contain_text(kind, timeout=15_000)
+                assert page.locator("#v-alerts li.v-alert").count() >= len(kinds)
+        finally:
+            browser.close()

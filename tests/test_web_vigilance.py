@@ -12,8 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import re
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -23,14 +21,11 @@ import httpx
 import psycopg
 import pytest
 import redis
-import uvicorn
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.browser import axe_violations, describe, launch, offline_context, shot, sign_in
-from tests.conftest import free_port
+from tests.conftest import free_port, serve_api
 from tests.test_vigilance_export import MODEL, SHADOWED, START, STUDIES, populate
-from triage.api.app import create_app
-from triage.servers import redis_process, wait_for_redis
 from triage.settings import Settings
 from triage.tokens import Role, create_token
 
@@ -39,19 +34,6 @@ PERIOD = "start=2026-11-01&end=2026-11-05"
 PAGE = f"/admin/vigilance?model={MODEL}&version=1.0&{PERIOD}"
 SECTIONS = ("v-rate", "v-figures", "v-subgroups", "v-alerts", "v-shadow", "v-states")
 TIMEOUT_MS = 15_000
-
-
-@pytest.fixture(scope="module")
-def redis_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("web-vigilance"),
-                        redis_port=free_port())
-    process = redis_process(settings)
-    process.start()
-    try:
-        wait_for_redis(settings, process)
-        yield settings
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -88,22 +70,9 @@ class Site:
 
 @contextmanager
 def serve(settings: Settings) -> Iterator[Site]:
-    connection = redis.Redis.from_url(settings.redis_connection_url)
-    connection.flushall()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield Site(f"http://127.0.0.1:{port}", settings)
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    redis.Redis.from_url(settings.redis_connection_url).flushall()
+    with serve_api(settings) as base:
+        yield Site(base, settings)
 
 
 @pytest.fixture

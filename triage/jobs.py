@@ -33,6 +33,7 @@ from triage.findings import ModelResult
 from triage.inference import infer, slice_transform, with_timings
 from triage.ingest import SourceSeries, StudySnapshot, snapshot_study
 from triage.keyimage import build_key_image
+from triage.lease import release_if_held
 from triage.logs import pseudonym
 from triage.memory import tune_for_images
 from triage.metrics import Stage, StudyMeasurement
@@ -406,10 +407,6 @@ def _record_results(ctx: WorkerContext, snapshot: StudySnapshot, results: list[M
 SHADOW_HOST_LOCK = KEY_PREFIX + ":shadow:host:{host}"
 # A shadow job that finds its host busy goes to the back of the queue after this pause.
 SHADOW_DEFER_SECONDS = 0.5
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def _queue_shadows(ctx: WorkerContext, orthanc_id: str, study_uid: str, inputs: str,
@@ -454,7 +451,7 @@ def analyse_shadow(orthanc_id: str, study_instance_uid: str, inputs: str, model_
         status = _at_idle_priority(lambda: _shadow(ctx, background, orthanc_id,
                                                    study_instance_uid, inputs))
     finally:
-        ctx.redis.eval(_RELEASE, 1, lock, token)
+        release_if_held(ctx.redis, lock, token)
     log.info("study %s: shadow analysis by %s %s", pseudonym(study_instance_uid),
              package.manifest.key, status)
     _flush_records(ctx)
@@ -470,7 +467,7 @@ def _take_host(ctx: WorkerContext, lock: str, token: str) -> bool:
     worker = bytes(holder).decode().split("|", 1)[0] if holder else ""  # type: ignore[arg-type]
     if holder is None or (worker and ctx.redis.exists(alive_key(worker))):
         return False
-    ctx.redis.eval(_RELEASE, 1, lock, holder)
+    release_if_held(ctx.redis, lock, holder)
     return bool(ctx.redis.set(lock, token, nx=True, px=expiry))
 
 

@@ -60,6 +60,14 @@ end
 return 0
 """
 
+
+
+def release_if_held(connection: redis.Redis, key: str, value: str | bytes) -> bool:
+    """Delete ``key`` only while it still holds ``value`` (a lock or lease this process took
+    and may have lost meanwhile); True when it was deleted."""
+    return bool(connection.eval(_RELEASE, 1, key, value))
+
+
 # KEYS: lease, counter key. ARGV: value held, new value, '1' to allow going down.
 # Returns -1 when the lease is not held, else 1 if written, 0 if the stored value is higher.
 _SET_MAX = """

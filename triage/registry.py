@@ -71,7 +71,10 @@ class ModelPackage:
     @property
     def session(self) -> ort.InferenceSession:
         """The process-wide onnxruntime session of this model (created on first use)."""
-        key = (str(self.onnx_path), self.manifest.sha256)
+        return self._cached_session(str(self.onnx_path))
+
+    def _cached_session(self, name: str) -> ort.InferenceSession:
+        key = (name, self.manifest.sha256)
         with _SESSIONS_LOCK:
             session = _SESSIONS.get(key)
             if session is None:
@@ -87,12 +90,7 @@ class BackgroundPackage(ModelPackage):
 
     @property
     def session(self) -> ort.InferenceSession:
-        key = (f"background:{self.onnx_path}", self.manifest.sha256)
-        with _SESSIONS_LOCK:
-            session = _SESSIONS.get(key)
-            if session is None:
-                session = _SESSIONS[key] = _create_session(self.onnx_path, self.manifest)
-        return session
+        return self._cached_session(f"background:{self.onnx_path}")
 
 
 def _create_session(onnx_path: Path, manifest: Manifest) -> ort.InferenceSession:

@@ -46,12 +46,12 @@ from pydicom.valuerep import DA, TM
 from triage import __version__, uids
 from triage.copying import values
 from triage.copying.header import source_header
-from triage.errors import TriageError
+from triage.errors import TransientError, TriageError
 from triage.logs import pseudonym
 from triage.orthanc import OrthancClient
 from triage.report import MANUFACTURER
 from triage.settings import Settings
-from triage.vigilance import clock, trail
+from triage.vigilance import clock, db, trail
 from triage.vigilance.records import Outcome, RecordError, record_ground_truth
 from triage.workflow import StudyNotFound, add_feedback, check_feedback
 from triage.worklist import Feedback, FeedbackRecord, FindingItem, FindingVerdict, Worklist
@@ -500,8 +500,7 @@ def ground_truth(assessment: Assessment) -> list[Outcome]:
 
 
 def _connect(settings: Settings) -> psycopg.Connection[TupleRow]:
-    return psycopg.connect(settings.database_connection_url,
-                           connect_timeout=CONNECT_TIMEOUT_SECONDS)
+    return db.connect(settings, timeout_seconds=CONNECT_TIMEOUT_SECONDS)
 
 
 def record_truth(settings: Settings, assessments: Sequence[Assessment], *,
@@ -520,7 +519,7 @@ def record_truth(settings: Settings, assessments: Sequence[Assessment], *,
         return 0
     try:
         conn = _connect(settings)
-    except psycopg.Error as exc:
+    except (psycopg.Error, TransientError) as exc:
         log.warning("ground truth of %d assessments not recorded: PostgreSQL unreachable (%s)",
                     len(assessments), type(exc).__name__)
         return None

@@ -36,13 +36,19 @@ class MigrationChanged(TriageError):
     """A migration already applied to the database differs from the file shipped now."""
 
 
-def connect(settings: Settings) -> psycopg.Connection[TupleRow]:
+def connect(settings: Settings, *, timeout_seconds: int | None = None,
+            statement_timeout_ms: int | None = None) -> psycopg.Connection[TupleRow]:
     """A connection to the service's database (``TRIAGE_DATABASE_URL`` or the local one).
 
-    Raises ``TransientError`` when PostgreSQL cannot be reached.
+    Work that must never wait long on a database that does not answer (a study's analysis,
+    a radiologist's feedback) gives a connect timeout and a statement timeout. Raises
+    ``TransientError`` when PostgreSQL cannot be reached.
     """
+    options = (f"-c statement_timeout={statement_timeout_ms}"
+               if statement_timeout_ms is not None else None)
     try:
-        return psycopg.connect(settings.database_connection_url)
+        return psycopg.connect(settings.database_connection_url,
+                               connect_timeout=timeout_seconds, options=options)
     except psycopg.OperationalError as error:
         raise TransientError(f"PostgreSQL unreachable: {error}") from error
 

@@ -39,8 +39,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from triage.findings import ModelResult
 from triage.ingest import StudySnapshot
+from triage.lease import release_if_held
 from triage.selection import patient_age_years
 from triage.settings import Settings
+from triage.vigilance import db
 from triage.vigilance.records import RecordError, register_version
 
 log = logging.getLogger(__name__)
@@ -293,10 +295,6 @@ redis.call('LTRIM', KEYS[2], tonumber(ARGV[2]), -1)
 for i = 3, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
 return 1
 """
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def flush(connection: redis.Redis, settings: Settings, *, batch: int = 200) -> int:
@@ -320,13 +318,12 @@ def flush(connection: redis.Redis, settings: Settings, *, batch: int = 200) -> i
             return 0
         return _drain(connection, settings, token, batch)
     finally:
-        connection.eval(_RELEASE, 1, LOCK, token)
+        release_if_held(connection, LOCK, token)
 
 
 def _connect(settings: Settings) -> Connection:
-    return psycopg.connect(settings.database_connection_url,
-                           connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                           options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}")
+    return db.connect(settings, timeout_seconds=CONNECT_TIMEOUT_SECONDS,
+                      statement_timeout_ms=STATEMENT_TIMEOUT_MS)
 
 
 def _back_off(connection: redis.Redis, error: Exception) -> None:

@@ -26,10 +26,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import psycopg
-
 from triage.registry import ModelPackage
 from triage.settings import Settings
+from triage.vigilance import db
 from triage.vigilance.records import Connection, RecordError, register_version
 
 log = logging.getLogger(__name__)
@@ -115,10 +114,8 @@ class VersionStates:
 
     def _refresh(self) -> None:
         try:
-            with psycopg.connect(self.settings.database_connection_url,
-                                 connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                                 options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
-                                 ) as conn:
+            with db.connect(self.settings, timeout_seconds=CONNECT_TIMEOUT_SECONDS,
+                            statement_timeout_ms=STATEMENT_TIMEOUT_MS) as conn:
                 if not self._registered:
                     self._register(conn)
                 rows = conn.execute("SELECT model_id, version, state FROM model_versions"
