@@ -36,6 +36,8 @@ class HeadCT:
     thickness_mm: float = 5.0
     kernel: str = "H30s"
     kvp: float = 120.0
+    # Slices that carry the disc; by default only the middle one.
+    bleed_slices: tuple[int, ...] = ()
 
 
 @cache
@@ -80,7 +82,7 @@ def write_head_ct(directory: Path, study: HeadCT) -> list[Path]:
         x, y, _ = (float(v) for v in ds.ImagePositionPatient)
         ds.ImagePositionPatient = [x, y, index * study.thickness_mm]
         ds.SliceLocation = index * study.thickness_mm
-        if study.disc_mm and index == study.slices // 2:
+        if study.disc_mm and index in (study.bleed_slices or (study.slices // 2,)):
             add_hyperdense_region(ds, diameter_mm=study.disc_mm)
         path = folder / f"{index:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)

@@ -57,8 +57,10 @@ def schedule(connection: redis.Redis, settings: Settings, item: WorklistItem) ->
     targets: list[tuple[str, str, str]] = [
         ("dicom", d.name, "triage.delivery.deliver_dicom")
         for d in settings.destinations if _wanted(d.send, item)]
+    # A webhook told of a preliminary result always hears what the complete study showed.
+    told = {d.target for d in item.deliveries if d.kind == PRELIMINARY}
     targets += [("webhook", w.name, "triage.delivery.deliver_webhook")
-                for w in settings.webhooks if _wanted(w.on, item)]
+                for w in settings.webhooks if _wanted(w.on, item) or w.name in told]
     queue = Queue(QueueName.URGENT.value if item.priority is not PriorityClass.ROUTINE
                   else QueueName.DEFAULT.value, connection=connection)
     scheduled = []
@@ -76,6 +78,81 @@ def schedule(connection: redis.Redis, settings: Settings, item: WorklistItem) ->
                             description=f"deliver result to {target}")
         scheduled.append(job.id)
     return scheduled
+
+
+# The kind of a delivery of a preliminary result (``triage.streaming``): to a webhook, before
+# the study is complete and has an SR (its ``sr_sop_instance_uid`` is empty).
+PRELIMINARY = "webhook-preliminary"
+
+
+def _wanted_preliminary(rule: str, item: WorklistItem) -> bool:
+    if not item.preliminary:
+        return False
+    if rule == "positive":
+        return True
+    if rule == "urgent":
+        return item.priority is not PriorityClass.ROUTINE
+    return item.priority is PriorityClass.CRITICAL
+
+
+def schedule_preliminary(connection: redis.Redis, settings: Settings,
+                         item: WorklistItem) -> list[str]:
+    """Tell the webhooks that ask for preliminary results (``Webhook.preliminary``) of the
+    item's preliminary findings, once per study and webhook."""
+    scheduled = []
+    for webhook in settings.webhooks:
+        if not webhook.preliminary or not _wanted_preliminary(webhook.on, item):
+            continue
+        if _state(item, webhook.name, "") is not None:
+            continue  # told already: the final result follows up
+        _set_state(connection, item.study_instance_uid, webhook.name, "", lambda d: d,
+                   kind=PRELIMINARY)
+        digest = hashlib.sha256(item.study_instance_uid.encode()).hexdigest()[:20]
+        job = Queue(QueueName.URGENT.value, connection=connection).enqueue(
+            "triage.delivery.deliver_preliminary", item.study_instance_uid, webhook.name,
+            job_id=f"deliver-preliminary-{webhook.name}-{digest}",
+            retry=Retry(max=settings.delivery_retries,
+                        interval=settings.delivery_retry_seconds)
+            if settings.delivery_retries else None,
+            failure_ttl=14 * 24 * 3600, result_ttl=24 * 3600,
+            description=f"deliver preliminary result to {webhook.name}")
+        scheduled.append(job.id)
+    return scheduled
+
+
+def deliver_preliminary(study_uid: str, webhook_name: str) -> str:
+    """RQ job: POST a preliminary result to a webhook (no patient data)."""
+    from triage.jobs import context
+
+    ctx = context()
+    webhook = _webhook(ctx.settings, webhook_name)
+
+    def send() -> None:
+        item = ctx.worklist.get(study_uid)
+        if item is None:
+            raise PermanentError("study no longer on the worklist")
+        _post(webhook, preliminary_notification(ctx.settings, item))
+
+    return _attempt(study_uid, "", webhook_name, send)
+
+
+def preliminary_notification(settings: Settings, item: WorklistItem) -> dict[str, Any]:
+    """The webhook message of a preliminary result: found on the images received so far."""
+    return {
+        "event": "ai-preliminary-result",
+        "preliminary": True,
+        "study_key": pseudonym(item.study_instance_uid),
+        "accession_number": item.accession_number,
+        "priority": item.priority.value,
+        "findings": [{"code": p.code, "scheme": p.scheme, "meaning": p.meaning,
+                      "probability": round(p.probability, 4), "model": p.model,
+                      "model_version": p.model_version, "images_so_far": p.n_images}
+                     for p in item.preliminary],
+        "note": "found on the images received so far; the result of the complete study "
+                "follows",
+        "link": f"{settings.api_base_url}/api/v1/studies/{item.study_instance_uid}",
+        "verified": False,
+    }
 
 
 def _state(item: WorklistItem, target: str, sr_uid: str) -> DeliveryItem | None:
@@ -165,20 +242,23 @@ def deliver_webhook(study_uid: str, sr_uid: str, webhook_name: str) -> str:
         item = ctx.worklist.get(study_uid)
         if item is None:
             raise PermanentError("study no longer on the worklist")
-        try:
-            response = httpx.post(webhook.url, json=notification(ctx.settings, item),
-                                  timeout=webhook.timeout_seconds)
-        except httpx.TransportError as exc:
-            problem = "timed out" if isinstance(exc, httpx.TimeoutException) else (
-                "connection failed")
-            raise TransientError(f"{webhook.name} unreachable: {problem}") from exc
-        if response.status_code >= 500 or response.status_code in (408, 429):
-            raise TransientError(f"{webhook.name} answered {response.status_code}")
-        if response.status_code >= 400:
-            raise PermanentError(f"{webhook.name} refused the notification "
-                                 f"({response.status_code})")
+        _post(webhook, notification(ctx.settings, item))
 
     return _attempt(study_uid, sr_uid, webhook_name, send)
+
+
+def _post(webhook: Webhook, message: dict[str, Any]) -> None:
+    try:
+        response = httpx.post(webhook.url, json=message, timeout=webhook.timeout_seconds)
+    except httpx.TransportError as exc:
+        problem = "timed out" if isinstance(exc, httpx.TimeoutException) else (
+            "connection failed")
+        raise TransientError(f"{webhook.name} unreachable: {problem}") from exc
+    if response.status_code >= 500 or response.status_code in (408, 429):
+        raise TransientError(f"{webhook.name} answered {response.status_code}")
+    if response.status_code >= 400:
+        raise PermanentError(f"{webhook.name} refused the notification "
+                             f"({response.status_code})")
 
 
 def notification(settings: Settings, item: WorklistItem) -> dict[str, Any]:
@@ -194,6 +274,14 @@ def notification(settings: Settings, item: WorklistItem) -> dict[str, Any]:
                       "model_version": f.model_version} for f in positive],
         "link": f"{settings.api_base_url}/api/v1/studies/{item.study_instance_uid}",
         "verified": False,
+        # What the complete study showed, after a preliminary result (which cannot be
+        # recalled: the priority it raised stays).
+        "follows_preliminary": bool(item.preliminary),
+        "preliminary_not_confirmed": [
+            {"code": p.code, "meaning": p.meaning, "model": p.model,
+             "model_version": p.model_version} for p in item.preliminary
+            if not any(f.positive and (f.model, f.model_version, f.code)
+                       == (p.model, p.model_version, p.code) for f in item.findings)],
     }
 
 

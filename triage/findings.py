@@ -57,3 +57,5 @@ class ModelResult:
     input_sop_instance_uids: tuple[str, ...]
     findings: tuple[Finding, ...]
     timings: dict[str, float] = field(default_factory=dict)
+    # Images whose scores came from the streaming score cache (``triage.streaming``).
+    from_cache: int = 0

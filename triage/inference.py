@@ -48,8 +48,8 @@ def infer(package: ModelPackage, volume: Volume, series_instance_uid: str) -> Mo
     started = perf_counter()
     outputs = predict(package, model_input(manifest.preprocessing, volume.pixels))
     inferred = perf_counter()
-    findings = tuple(_finding(manifest, label, outputs[label.output], volume)
-                     for label in manifest.outputs)
+    findings = findings_from_scores(manifest, outputs, volume.sop_instance_uids,
+                                    volume.sop_class_uids)
     return ModelResult(
         model=package.identity,
         series_instance_uid=series_instance_uid,
@@ -160,8 +160,17 @@ def _check_signature(manifest: Manifest, inputs: list, outputs: list, names: lis
         raise ModelPackageError(f"{manifest.key}: no model output {', '.join(missing)}")
 
 
+def findings_from_scores(manifest: Manifest, outputs: dict[str, np.ndarray],
+                         sop_instance_uids: Sequence[str], sop_class_uids: Sequence[str]
+                         ) -> tuple[Finding, ...]:
+    """One Finding per output label from the model's outputs [N, K] (``predict``), whose
+    rows are the images ``sop_instance_uids`` (of ``sop_class_uids``) in patient order."""
+    return tuple(_finding(manifest, label, outputs[label.output], sop_instance_uids,
+                          sop_class_uids) for label in manifest.outputs)
+
+
 def _finding(manifest: Manifest, label: OutputLabel, scores: np.ndarray,
-             volume: Volume) -> Finding:
+             sop_instance_uids: Sequence[str], sop_class_uids: Sequence[str]) -> Finding:
     if label.index >= scores.shape[1]:
         raise ModelPackageError(
             f"output {label.output} has {scores.shape[1]} columns, label {label.label} "
@@ -171,7 +180,7 @@ def _finding(manifest: Manifest, label: OutputLabel, scores: np.ndarray,
     if not np.all(np.isfinite(per_item)):
         raise ModelPackageError(f"output {label.output} is not a finite probability")
     if manifest.preprocessing.mode is InputMode.VOLUME:
-        key, probability = len(volume.sop_instance_uids) // 2, float(per_item[0])
+        key, probability = len(sop_instance_uids) // 2, float(per_item[0])
     else:
         key = int(np.argmax(per_item))
         reduce = manifest.preprocessing.slice_reduction
@@ -181,8 +190,8 @@ def _finding(manifest: Manifest, label: OutputLabel, scores: np.ndarray,
         probability=probability,
         threshold=label.threshold,
         priority=label.priority if probability >= label.threshold else None,
-        key_sop_instance_uid=volume.sop_instance_uids[key],
-        key_sop_class_uid=volume.sop_class_uids[key],
+        key_sop_instance_uid=sop_instance_uids[key],
+        key_sop_class_uid=sop_class_uids[key],
     )
 
 

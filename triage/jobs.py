@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import pydicom
@@ -45,6 +45,9 @@ from triage.report import build_report
 from triage.retrieval import LoadedSeries, SeriesLoader
 from triage.selection import select_series
 from triage.settings import Settings, get_settings
+from triage.streaming.cache import ScoreCache
+from triage.streaming.final import ScoredSeries, analyse_series
+from triage.streaming.scoring import streams
 from triage.uids import sr_instance_uid
 from triage.vigilance import clock, recording
 from triage.vigilance.states import Roles, VersionStates
@@ -212,6 +215,15 @@ def _analyse(ctx: WorkerContext, orthanc_id: str, study_uid: str, inputs: str,
     headers: dict[str, tuple[pydicom.Dataset, ...]] = {}  # of each analysed series
     refused: list[tuple[str, InvalidInput]] = []
     for package, series in chosen:
+        scored = _from_stream(ctx, package, series)
+        if scored is not None:
+            results.append(scored.result)
+            measurement.add_result(scored.result)
+            for header in scored.headers:
+                evidence.setdefault(header.SOPInstanceUID, header)
+            orthanc_ids.update(scored.orthanc_ids)
+            headers[series.info.series_instance_uid] = scored.headers
+            continue
         try:
             loaded = load_series(ctx, package, series)
         except InvalidInput as exc:
@@ -320,6 +332,20 @@ def _select(packages: Sequence[ModelPackage], snapshot: StudySnapshot
     return chosen, reasons
 
 
+def _from_stream(ctx: WorkerContext, package: ModelPackage, series: SourceSeries
+                 ) -> ScoredSeries | None:
+    """The analysis of ``series`` from the streaming score cache, computing only the images
+    not scored while they arrived; ``None`` for a model that does not stream, with
+    streaming off, or for a series the whole-series analysis must handle."""
+    if not (ctx.settings.streaming and streams(package)):
+        return None
+    cache = ScoreCache(ctx.redis, ctx.settings, package.manifest.id, package.manifest.version)
+    scored = analyse_series(ctx.orthanc, ctx.loader, cache, package, series)
+    if scored is not None and scored.from_cache:
+        return replace(scored, result=replace(scored.result, from_cache=scored.from_cache))
+    return scored
+
+
 def load_series(ctx: WorkerContext, package: ModelPackage, series: SourceSeries) -> LoadedSeries:
     """Download and decode a series for ``package`` (its rescale and input size)."""
     prep = package.manifest.preprocessing
@@ -360,6 +386,7 @@ def _record_results(ctx: WorkerContext, snapshot: StudySnapshot, results: list[M
                    regulatory_status=r.model.regulatory_status,
                    series_instance_uid=r.series_instance_uid,
                    n_instances=len(r.input_sop_instance_uids),
+                   images_from_cache=r.from_cache,
                    timings={**r.timings, **report_timings})
         for r in results
     ]
@@ -373,6 +400,8 @@ def _record_results(ctx: WorkerContext, snapshot: StudySnapshot, results: list[M
         reasons = list(item.priority_reasons)
         reasons += [r for r in (f"AI: {f.meaning} (p={f.probability:.2f}, {f.model} "
                                 f"{f.model_version})" for f in raised) if r not in reasons]
+        reasons += [r for r in unconfirmed_reasons(item, findings, result_items)
+                    if r not in reasons]
         return item.model_copy(update={
             "status": StudyStatus.ANALYSED, "status_reason": note,
             "priority": priority, "priority_reasons": reasons,
@@ -399,6 +428,30 @@ def _record_results(ctx: WorkerContext, snapshot: StudySnapshot, results: list[M
             log.error("study %s: vigilance record not queued (%s)",
                       pseudonym(snapshot.study_instance_uid), type(exc).__name__)
 
+
+
+def unconfirmed_reasons(item: WorklistItem, findings: Sequence[FindingItem],
+                        results: Sequence[ResultItem]) -> list[str]:
+    """Why a priority raised by a preliminary result stays although the complete study does
+    not confirm it (AI may raise a priority, never lower it): the reason says what the
+    complete study showed, and on which series."""
+    reasons = []
+    for p in item.preliminary:
+        final = next((f for f in findings if (f.model, f.model_version, f.code)
+                      == (p.model, p.model_version, p.code)), None)
+        if final is None or final.positive:
+            continue
+        result = next((r for r in results if (r.model, r.model_version)
+                       == (p.model, p.model_version)), None)
+        other = result is not None and result.series_instance_uid != p.series_instance_uid
+        where = ("on another series than the preliminary result (the complete study's "
+                 f"largest fitting series, {result.n_instances} images)"
+                 if other and result is not None else "on the complete series")
+        reasons.append(
+            f"AI, preliminary {p.meaning} (p={p.probability:.2f} on {p.n_images} images) not "
+            f"confirmed: the complete study was analysed {where}, p={final.probability:.2f}; "
+            "the priority stays raised")
+    return reasons
 
 
 # -- shadow trials ---------------------------------------------------------------------------

@@ -146,9 +146,19 @@ class Preprocessing(_Strict):
     stack_size: int = Field(default=3, ge=3, le=31)
     depth: int | None = Field(default=None, ge=2, le=1024)
     slice_reduction: SliceReduction = SliceReduction.MAX
+    streaming: bool = Field(
+        default=False, description="Analyse images as they arrive, before the study is "
+        "complete (triage.streaming). Only for models that see one image at a time and "
+        "reduce by maximum: each image's score then never depends on the others, and a "
+        "positive part of a series stays positive when the series is complete")
 
     @model_validator(mode="after")
     def _mode_settings(self) -> Preprocessing:
+        if self.streaming and (self.mode is not InputMode.SLICE
+                               or self.slice_reduction is not SliceReduction.MAX):
+            raise ValueError("streaming needs mode slice and slice_reduction max (a score of "
+                             f"one image alone, reduced by maximum); got mode {self.mode}, "
+                             f"slice_reduction {self.slice_reduction}")
         if self.mode is InputMode.STACK and self.stack_size % 2 == 0:
             raise ValueError(f"stack_size must be odd, got {self.stack_size}")
         if self.mode is InputMode.VOLUME and self.depth is None:

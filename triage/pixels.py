@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -154,16 +154,21 @@ def assemble(instances: Sequence[DecodedInstance]) -> Volume:
 
 def sort_slices(datasets: Sequence[Dataset]) -> list[Dataset]:
     """``datasets`` ordered along the slice normal, or by Instance Number as a fallback."""
-    positions = [_position_along_normal(ds) for ds in datasets]
-    known = [p for p in positions if p is not None]
-    if len(known) == len(datasets):
-        order = sorted(range(len(datasets)), key=known.__getitem__)
-    else:
-        order = sorted(range(len(datasets)), key=lambda i: _instance_number(datasets[i]))
+    order = slice_order([position_along_normal(ds) for ds in datasets],
+                        [instance_number(ds) for ds in datasets])
     return [datasets[i] for i in order]
 
 
-def _position_along_normal(ds: Dataset) -> float | None:
+def slice_order(positions: Sequence[float | None], numbers: Sequence[int]) -> list[int]:
+    """Indices of images in patient order from each one's ``position_along_normal`` and
+    ``instance_number``: by position when every image has one, else by number; ties keep
+    the given order."""
+    if all(p is not None for p in positions):
+        return sorted(range(len(positions)), key=lambda i: cast(float, positions[i]))
+    return sorted(range(len(positions)), key=numbers.__getitem__)
+
+
+def position_along_normal(ds: Dataset) -> float | None:
     orientation = ds.get("ImageOrientationPatient")
     position = ds.get("ImagePositionPatient")
     try:
@@ -176,7 +181,7 @@ def _position_along_normal(ds: Dataset) -> float | None:
     return along if math.isfinite(along) else None
 
 
-def _instance_number(ds: Dataset) -> int:
+def instance_number(ds: Dataset) -> int:
     # Images without a number keep their relative order after the numbered ones (sort is stable).
     number = ds.get("InstanceNumber")
     try:

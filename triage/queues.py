@@ -31,6 +31,14 @@ class QueueName(str, Enum):
 
 
 QUEUE_ORDER = (QueueName.URGENT, QueueName.DEFAULT, QueueName.BULK, QueueName.SHADOW)
+# Images analysed as they arrive (``triage.streaming``): served after the analyses of complete
+# studies (urgent, default) and before re-analyses (bulk). Kept out of ``QUEUE_ORDER``: its
+# jobs are not analyses of studies (recovery, metrics and autoscaling count those), and a
+# lost one costs nothing (the analysis at stability computes what it did not).
+STREAM_QUEUE = "stream"
+# A finished streaming job is of no interest for long.
+STREAM_RESULT_TTL = 60
+
 # The periodic drift and volume checks: served by every worker after all the analysis queues,
 # and kept apart from them so that the check scheduled for the next slot never counts as
 # analysis work waiting (metrics, autoscaling).
@@ -84,4 +92,28 @@ def enqueue_shadow(connection: redis.Redis, settings: Settings, *, orthanc_id: s
         result_ttl=RESULT_TTL,
         failure_ttl=FAILURE_TTL,
         description=f"shadow analysis of study {orthanc_id} by {model_id} {version}",
+    )
+
+
+def worker_queues(connection: redis.Redis) -> list[Queue]:
+    """Every queue a worker serves, in the order it serves them."""
+    ordered = queues(connection)
+    at = [q.name for q in ordered].index(QueueName.BULK.value)
+    return [*ordered[:at], Queue(STREAM_QUEUE, connection=connection), *ordered[at:],
+            Queue(VIGILANCE_QUEUE, connection=connection)]
+
+
+def enqueue_stream(connection: redis.Redis, settings: Settings, *, study_id: str,
+                   study_instance_uid: str, series_id: str, instance_ids: list[str],
+                   pipeline: Pipeline | None = None) -> Job:
+    """Enqueue ``triage.streaming.arrivals.analyse_arrivals`` of a batch of images of one
+    series. Never retried: what it did not do, the analysis at stability does."""
+    return Queue(STREAM_QUEUE, connection=connection).enqueue(
+        "triage.streaming.arrivals.analyse_arrivals",
+        study_id, study_instance_uid, series_id, instance_ids,
+        job_timeout=min(settings.job_timeout, 120),
+        result_ttl=STREAM_RESULT_TTL,
+        failure_ttl=3600,
+        description=f"stream {len(instance_ids)} images of series {series_id}",
+        pipeline=pipeline,
     )

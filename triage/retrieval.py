@@ -68,23 +68,34 @@ class SeriesLoader:
         """
         if not instance_ids:
             raise InvalidInput("no images in the series")
+        decoded, timings = self.decode_each(instance_ids, rescale, slice_transform)
         started = perf_counter()
-        loaded = list(self.pool.map(
-            lambda instance_id: self._one(instance_id, rescale, slice_transform),
-            instance_ids))
-        volume = assemble([one.decoded for one in loaded])
-        done = perf_counter()
-        fetched = max(one.fetched_at for one in loaded)
-        headers = tuple(one.decoded.header for one in loaded)
+        volume = assemble(decoded)
+        timings["decode"] += perf_counter() - started
+        headers = tuple(one.header for one in decoded)
         return LoadedSeries(
             volume=volume,
             headers=headers,
             orthanc_ids={str(h.SOPInstanceUID): instance_id
                          for h, instance_id in zip(headers, instance_ids, strict=True)},
-            timings={"fetch": fetched - started, "decode": done - fetched,
-                     "fetch_busy": sum(one.fetch_seconds for one in loaded),
-                     "decode_busy": sum(one.decode_seconds for one in loaded)},
+            timings=timings,
         )
+
+    def decode_each(self, instance_ids: Sequence[str], rescale: Rescale,
+                    slice_transform: SliceTransform | None = None
+                    ) -> tuple[list[DecodedInstance], dict[str, float]]:
+        """Download and decode each of ``instance_ids``, in that order, without assembling
+        them (each says why it cannot be used, if so); with the timings ``load`` gives."""
+        started = perf_counter()
+        loaded = list(self.pool.map(
+            lambda instance_id: self._one(instance_id, rescale, slice_transform),
+            instance_ids))
+        done = perf_counter()
+        fetched = max((one.fetched_at for one in loaded), default=started)
+        return [one.decoded for one in loaded], {
+            "fetch": fetched - started, "decode": done - fetched,
+            "fetch_busy": sum(one.fetch_seconds for one in loaded),
+            "decode_busy": sum(one.decode_seconds for one in loaded)}
 
     def _one(self, instance_id: str, rescale: Rescale,
              slice_transform: SliceTransform | None) -> _Loaded:

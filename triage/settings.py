@@ -77,6 +77,10 @@ class Webhook(BaseModel):
     url: str = Field(pattern=r"^https?://")
     on: Literal["critical", "urgent", "positive"] = "critical"
     timeout_seconds: float = Field(default=10.0, gt=0)
+    preliminary: bool = Field(
+        default=False, description="Also told of preliminary results, raised while a study's "
+        "images are still arriving (streaming); the final result then follows as usual, "
+        "even when it no longer meets the rule")
 
 
 class Settings(BaseSettings):
@@ -204,6 +208,21 @@ class Settings(BaseSettings):
 
     stable_age: int = Field(default=DEFAULT_STABLE_AGE, ge=1)
     watcher_poll_seconds: float = Field(default=0.2, gt=0)
+    streaming: bool = Field(
+        default=True, description="Analyse the images of streaming models (manifest "
+        "preprocessing.streaming) as they arrive, raise the priority on a preliminary "
+        "result, and leave the analysis at stability only the images not seen yet")
+    stream_batch_seconds: float = Field(
+        default=0.25, gt=0, description="Longest wait of an arrived image before its batch "
+        "is sent for streaming analysis (a batch also goes when it reaches the model's "
+        "batch size)")
+    stream_max_waiting: int = Field(
+        default=8, ge=1, description="Streaming batches waiting at most; beyond that, and "
+        "while any analysis of a complete study waits, arrivals are left to the analysis at "
+        "stability (no backlog of streaming work)")
+    stream_cache_hours: float = Field(
+        default=6.0, gt=0, description="How long per-image scores are kept (a re-analysis "
+        "after late images within this time computes only the new ones)")
     watcher_lease_seconds: float = Field(
         default=10.0, gt=0, description="How long the leading watcher's lease lasts unrenewed: "
         "a standby watcher takes over within this time after the leader dies")

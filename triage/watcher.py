@@ -35,9 +35,10 @@ from triage.lease import Lease, LeaseKeeper, LeaseLost
 from triage.logs import pseudonym
 from triage.orthanc import Change, OrthancClient, StudyGone, orthanc_time
 from triage.priority import ClinicalPriority, PriorityClass, clinical_priority, highest
-from triage.queues import QueueName, enqueue_analysis, job_pending
+from triage.queues import QueueName, enqueue_analysis, enqueue_stream, job_pending
 from triage.recovery import recover_abandoned
 from triage.settings import Settings
+from triage.streaming.dispatch import Batch, Dispatcher
 from triage.uids import job_id as make_job_id
 from triage.uids import own_series_uids
 from triage.vigilance import clock, recording
@@ -101,6 +102,8 @@ class Watcher:
         self.writer = lease.fenced_connection() if lease is not None else connection
         self.worklist = Worklist(self.writer)
         self.arrivals = ArrivalClock(settings.stable_age)
+        # Images of streaming models, sent to workers as they arrive (``triage.streaming``).
+        self.streamer = Dispatcher.for_settings(settings)
         self._study_uids: OrderedDict[str, str] = OrderedDict()
 
     @property
@@ -164,7 +167,39 @@ class Watcher:
             self._store_cursor(cursor)
             if page.done or not page.changes:
                 break
-        return queued + self.queue_complete(time.monotonic() if now is None else now)
+        moment = time.monotonic() if now is None else now
+        queued += self.queue_complete(moment)
+        self.send_streams(moment)
+        return queued
+
+    def send_streams(self, now: float) -> int:
+        """Send the streaming batches due at ``now``, each enqueue fenced by the lease;
+        returns how many were sent. Streaming never holds up the change log: an error is
+        logged and the batches are left to the analysis at stability."""
+        streamer = self.streamer
+        if streamer is None:
+            return 0
+
+        def enqueue(batch: Batch) -> None:
+            def commands(pipe: Pipeline | None = None) -> None:
+                enqueue_stream(self.redis, self.settings, study_id=batch.study_id,
+                               study_instance_uid=batch.study_instance_uid,
+                               series_id=batch.series_id, instance_ids=batch.instance_ids,
+                               pipeline=pipe)
+
+            if self.lease is None:
+                commands()
+            else:
+                def fenced(pipe: Pipeline) -> None:
+                    pipe.multi()
+                    commands(pipe)
+
+                self.lease.transaction(fenced)
+
+        sent: list[int] = []
+        _logged_on_error(lambda: sent.append(streamer.send(self.redis, now, enqueue)),
+                         "streaming batches not sent; the analyses at stability do them")
+        return sent[0] if sent else 0
 
     def queue_complete(self, now: float) -> int:
         """Queue the studies quiet for the stable age at ``now``; returns how many."""
@@ -180,6 +215,8 @@ class Watcher:
         """Handle a complete study (``_handle``) and tell the arrival clock: queued at
         ``now``, or, when it could not be read, dropped so that Orthanc's own announcement
         of it is handled again."""
+        if self.streamer is not None:
+            self.streamer.forget(study_id)
         handled = self._handle(Change(seq=0, change_type=STABLE_STUDY, resource_id=study_id,
                                       resource_type="Study"))
         if handled is None:
@@ -203,7 +240,7 @@ class Watcher:
 
         def note() -> None:
             for study_id in self._arrived([c.resource_id for c in changes
-                                           if c.change_type == NEW_INSTANCE]):
+                                           if c.change_type == NEW_INSTANCE], seen):
                 self.arrivals.arrived(study_id, seen)
 
         if not _logged_on_error(note, f"arrivals of {seqs} not noted; Orthanc's "
@@ -212,10 +249,11 @@ class Watcher:
         _logged_on_error(lambda: self._remember_unstable(changes),
                          f"new studies of {seqs} not remembered as unstable")
 
-    def _arrived(self, instance_ids: list[str]) -> set[str]:
+    def _arrived(self, instance_ids: list[str], seen: float | None = None) -> set[str]:
         """Orthanc ids of the studies that received ``instance_ids``, leaving out the
         service's own series: SRs, key images and assessments (storing them must not restart
-        the clock)."""
+        the clock). The images of a series a streaming model may want join its batch
+        (``seen``: when they were seen, monotonic)."""
         if not instance_ids:
             return set()
         series = self.orthanc.bulk_content(instance_ids, level="Series")
@@ -231,7 +269,20 @@ class Watcher:
             own = own_series_uids(study_uid)
             if one.get("MainDicomTags", {}).get("SeriesInstanceUID") not in own:
                 studies.add(one["ParentStudy"])
+                self._stream(one, study_uid, instance_ids, seen)
         return studies
+
+    def _stream(self, series: dict[str, Any], study_uid: str, instance_ids: list[str],
+                seen: float | None) -> None:
+        """Add the images of ``instance_ids`` that belong to ``series`` to its batch, if a
+        streaming model may want the series."""
+        if self.streamer is None or not study_uid or not self.streamer.wants(
+                str(series.get("MainDicomTags", {}).get("Modality", ""))):
+            return
+        members = set(series.get("Instances", []))
+        self.streamer.add(series["ParentStudy"], study_uid, series["ID"],
+                          [i for i in instance_ids if i in members],
+                          time.monotonic() if seen is None else seen)
 
     def _remember_unstable(self, changes: list[Change]) -> None:
         """Note the studies that got a new study or series entry in ``changes``: they are
@@ -397,6 +448,7 @@ class Watcher:
             "study_date": snapshot.study_date,
             "status": StudyStatus.QUEUED,
             "status_reason": "",
+            "arriving": 0,  # complete now
             "job_id": job_id,
             "inputs": snapshot.inputs,
         }
@@ -437,6 +489,7 @@ class Watcher:
                     log.info("standby (watcher %s): the lease is lost", self.lease.holder)
                     # What this watcher timed may be stale by the time it leads again.
                     self.arrivals = ArrivalClock(self.settings.stable_age)
+                    self.streamer = Dispatcher.for_settings(self.settings)
         finally:
             keeper.stop()
 
@@ -467,8 +520,9 @@ class Watcher:
         """Until the next poll: the poll interval, or less when a study becomes complete
         sooner."""
         pause = self.settings.watcher_poll_seconds
-        due = self.arrivals.next_due()
-        if due is not None:
-            pause = min(pause, max(0.0, due - time.monotonic()))
+        for due in (self.arrivals.next_due(),
+                    self.streamer.next_due() if self.streamer is not None else None):
+            if due is not None:
+                pause = min(pause, max(0.0, due - time.monotonic()))
         return pause
 

@@ -15,7 +15,7 @@ from rq.queue import Queue
 from rq.worker import SimpleWorker
 
 from triage.jobs import WorkerContext, context
-from triage.queues import VIGILANCE_QUEUE, queues
+from triage.queues import worker_queues
 from triage.recovery import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,5 @@ def run_worker(*, burst: bool = False, name: str | None = None) -> bool:
     log.info("worker ready with models: %s", loaded or "none")
     if not burst:  # a burst worker drains the queues and leaves nothing scheduled behind
         _schedule_vigilance(ctx)
-    worker = AnalysisWorker([*queues(ctx.redis), Queue(VIGILANCE_QUEUE, connection=ctx.redis)],
-                            connection=ctx.redis, name=name)
+    worker = AnalysisWorker(worker_queues(ctx.redis), connection=ctx.redis, name=name)
     return worker.work(burst=burst, with_scheduler=True, logging_level="WARNING")

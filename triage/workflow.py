@@ -34,6 +34,15 @@ class InvalidFeedback(TriageError):
     """Feedback that names a finding the study does not have."""
 
 
+class StillArriving(TriageError):
+    """The study's images are still arriving: marking it read needs the reader's
+    confirmation (they read an incomplete study)."""
+
+    def __init__(self, arriving: int) -> None:
+        super().__init__(f"images still arriving ({arriving}): confirm to mark read")
+        self.arriving = arriving
+
+
 def _claim_active(item: WorklistItem, now: datetime) -> bool:
     return bool(item.claimed_by and item.claim_expires_at and item.claim_expires_at > now)
 
@@ -87,13 +96,17 @@ def release(worklist: Worklist, uid: str, user: str, *, force: bool = False) -> 
     return _change(worklist, uid, change, "claim")
 
 
-def mark_read(worklist: Worklist, uid: str, user: str) -> WorklistItem:
-    """Record that ``user`` has read the study; their claim ends with it."""
+def mark_read(worklist: Worklist, uid: str, user: str, *,
+              confirm: bool = False) -> WorklistItem:
+    """Record that ``user`` has read the study; their claim ends with it. While its images
+    are still arriving (``arriving``) this raises ``StillArriving`` unless ``confirm``."""
     now = utcnow()
 
     def change(item: WorklistItem) -> WorklistItem:
         if _claim_active(item, now) and item.claimed_by != user:
             raise ClaimConflict(f"claimed by {item.claimed_by}")
+        if item.arriving > 0 and not confirm:
+            raise StillArriving(item.arriving)
         return item.model_copy(update={"read_by": user, "read_at": now, "claimed_by": None,
                                        "claim_expires_at": None})
 

@@ -125,7 +125,27 @@ class ResultItem(BaseModel):
     regulatory_status: str
     series_instance_uid: str
     n_instances: int
+    images_from_cache: int = Field(
+        default=0, description="Images scored while they arrived (streaming), not again")
     timings: dict[str, float] = Field(default_factory=dict)
+
+
+class PreliminaryItem(BaseModel):
+    """A finding seen on part of a series while its images were still arriving
+    (``triage.streaming``): it raised the study's priority before the analysis of the complete
+    study, which confirms it or says what the complete study showed."""
+
+    model: str
+    model_version: str
+    series_instance_uid: str
+    code: str
+    scheme: str
+    meaning: str
+    probability: float
+    threshold: float
+    priority: PriorityClass | None = None
+    n_images: int = Field(description="Images of the series analysed when it was raised")
+    raised_at: datetime
 
 
 class WorklistItem(BaseModel):
@@ -163,6 +183,12 @@ class WorklistItem(BaseModel):
     deliveries: list[DeliveryItem] = Field(default_factory=list)
     series: list[SeriesItem] = Field(default_factory=list)
     results: list[ResultItem] = Field(default_factory=list)
+    arriving: int = Field(
+        default=0, description="Images received so far while the study is still arriving "
+        "(a preliminary AI result raised it before it was complete); 0 once it is complete")
+    preliminary: list[PreliminaryItem] = Field(
+        default_factory=list, description="Findings raised on the images received so far, "
+        "before the study was complete")
 
     @property
     def order_key(self) -> int:

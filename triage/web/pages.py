@@ -36,6 +36,7 @@ from triage.vigilance.assessment import AssessmentError, give_feedback
 from triage.workflow import (
     ClaimConflict,
     InvalidFeedback,
+    StillArriving,
     StudyNotFound,
     claim,
     mark_read,
@@ -170,7 +171,8 @@ def row_version(item: WorklistItem, now: datetime) -> str:
     text = item.model_dump_json(include={"status", "status_reason", "priority",
                                          "priority_reasons", "findings", "claimed_by",
                                          "read_at", "patient_name", "patient_id",
-                                         "study_description", "accession_number"})
+                                         "study_description", "accession_number",
+                                         "arriving"})
     return hashlib.sha256(f"{text}{claim_active}".encode()).hexdigest()[:16]
 
 
@@ -291,19 +293,23 @@ async def study_page(study_instance_uid: str, request: Request) -> Response:
 
 
 def _act(request: Request, user: TokenRecord, uid: str, action: AuditAction,
-         change: Callable[[Worklist], WorklistItem]) -> tuple[WorklistItem, str]:
+         change: Callable[[Worklist], WorklistItem]
+         ) -> tuple[WorklistItem, TriageError | None]:
     worklist = Worklist(request.app.state.redis)
     try:
         item = change(worklist)
     except StudyNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "study not on the worklist") from exc
-    except ClaimConflict as exc:
+    except (ClaimConflict, StillArriving) as exc:
         current = worklist.get(uid)
         if current is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "study not on the worklist") from exc
-        return current, str(exc)
-    audit(request, user, action, study_instance_uid=uid, details={"via": "page"})
-    return item, ""
+        return current, exc
+    details: dict[str, Any] = {"via": "page"}
+    if action is AuditAction.STUDY_READ and item.arriving:
+        details["arriving"] = item.arriving  # read before the study was complete
+    audit(request, user, action, study_instance_uid=uid, details=details)
+    return item, None
 
 
 _ACTIONS: dict[str, tuple[AuditAction, str]] = {
@@ -400,22 +406,26 @@ async def key_image(study_instance_uid: str, sop_instance_uid: str,
 # Last: the routes above with fixed names (feedback) come first.
 @router.post("/ui/studies/{study_instance_uid}/{action}")
 async def study_action(study_instance_uid: str, action: str, request: Request) -> Response:
-    """Claim, release or mark read from a page; answers the study's action bar."""
+    """Claim, release or mark read from a page; answers the study's action bar. Marking read
+    a study whose images are still arriving needs ``confirm=yes`` (form field): without it
+    the answer is a conflict whose action bar asks for the confirmation."""
     user = await page_user(request)
     if action not in _ACTIONS:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such action")
     settings = request.app.state.settings
     uid = study_instance_uid
+    confirm = action == "read" and (await request.form()).get("confirm") == "yes"
 
     def change(worklist: Worklist) -> WorklistItem:
         if action == "claim":
             return claim(worklist, uid, user.owner, minutes=settings.claim_minutes)
         if action == "release":
             return release(worklist, uid, user.owner, force=user.role is Role.ADMIN)
-        return mark_read(worklist, uid, user.owner)
+        return mark_read(worklist, uid, user.owner, confirm=confirm)
 
     audit_action, done = _ACTIONS[action]
     item, conflict = await run_in_threadpool(_act, request, user, uid, audit_action, change)
     return page(request, "study_actions.html", status_code=409 if conflict else 200,
-                message=conflict or done, conflict=bool(conflict),
+                message=str(conflict) if conflict else done, conflict=conflict is not None,
+                confirm_read=isinstance(conflict, StillArriving),
                 **_study_context(request, user, item))

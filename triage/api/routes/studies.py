@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, Body, HTTPException, Query, Request, status
+from pydantic import BaseModel
 
 from triage.api.deps import ReaderDep, RedisDep, SettingsDep, WorklistDep, audit
 from triage.audit import AuditAction
@@ -17,6 +19,7 @@ from triage.vigilance.assessment import AssessmentError, give_feedback
 from triage.workflow import (
     ClaimConflict,
     InvalidFeedback,
+    StillArriving,
     StudyNotFound,
     claim,
     mark_read,
@@ -44,7 +47,7 @@ def _detail(item: WorklistItem, settings: Settings) -> StudyDetail:
 def _translate(exc: Exception) -> HTTPException:
     if isinstance(exc, StudyNotFound):
         return HTTPException(status.HTTP_404_NOT_FOUND, "study not on the worklist")
-    if isinstance(exc, ClaimConflict):
+    if isinstance(exc, ClaimConflict | StillArriving):
         return HTTPException(status.HTTP_409_CONFLICT, str(exc))
     return HTTPException(422, str(exc))  # unprocessable content
 
@@ -54,9 +57,12 @@ def _act(request: Request, user: TokenRecord, settings: Settings, action: AuditA
     """Run one workflow change, translate its conflicts, audit it, answer the detail."""
     try:
         item = change()
-    except (StudyNotFound, ClaimConflict) as exc:
+    except (StudyNotFound, ClaimConflict, StillArriving) as exc:
         raise _translate(exc) from exc
-    audit(request, user, action, study_instance_uid=study_instance_uid)
+    # Reading a study whose images were still arriving is kept in the trail with the count.
+    details = {"arriving": item.arriving} if action is AuditAction.STUDY_READ and (
+        item.arriving) else None
+    audit(request, user, action, study_instance_uid=study_instance_uid, details=details)
     return _detail(item, settings)
 
 
@@ -92,13 +98,26 @@ def release_study(study_instance_uid: str, request: Request, user: ReaderDep,
                                 force=user.role is Role.ADMIN))
 
 
+class MarkRead(BaseModel):
+    confirm: bool = False
+
+
 @router.post("/{study_instance_uid}/read", response_model=StudyDetail,
-             responses={409: {"description": "another radiologist holds the study"}})
+             responses={409: {"description": "another radiologist holds the study, or the "
+                                             "study's images are still arriving and the "
+                                             "call did not confirm"}})
 def read_study(study_instance_uid: str, request: Request, user: ReaderDep,
-               worklist: WorklistDep, settings: SettingsDep) -> StudyDetail:
-    """Mark the study read by the caller."""
+               worklist: WorklistDep, settings: SettingsDep,
+               confirm: Annotated[bool, Query()] = False,
+               body: Annotated[MarkRead | None, Body()] = None) -> StudyDetail:
+    """Mark the study read by the caller. While its images are still arriving (``arriving``
+    above 0: a preliminary AI result raised it before it was complete) the call must
+    confirm (``?confirm=true``, or ``{"confirm": true}`` as body), else it is answered 409
+    "images still arriving (N): confirm to mark read"."""
+    confirmed = confirm or bool(body and body.confirm)
     return _act(request, user, settings, AuditAction.STUDY_READ, study_instance_uid,
-                lambda: mark_read(worklist, study_instance_uid, user.owner))
+                lambda: mark_read(worklist, study_instance_uid, user.owner,
+                                  confirm=confirmed))
 
 
 def _orthanc(request: Request, settings: Settings) -> OrthancClient:

@@ -7,7 +7,7 @@
   const body = document.body;
   const csrf = body.dataset.csrf || "";
   const EVENTS = ["queued", "updated", "status", "priority", "analysed", "claim", "read",
-                  "feedback", "delivery", "rebuilt"];
+                  "feedback", "delivery", "rebuilt", "preliminary", "arriving"];
 
   // htmx remembers the page's path (which names a study) in sessionStorage for its history
   // support, which these pages do not use: nothing of it is kept.
@@ -17,9 +17,10 @@
   forget();
   document.addEventListener("htmx:afterSettle", forget);
 
-  function post(url) {
+  function post(url, fields) {
     return fetch(url, {method: "POST", credentials: "same-origin",
-                       headers: {"X-CSRF-Token": csrf, "HX-Request": "true"}});
+                       headers: {"X-CSRF-Token": csrf, "HX-Request": "true"},
+                       body: fields ? new URLSearchParams(fields) : undefined});
   }
 
   function announce(text) {
@@ -309,10 +310,32 @@
       const row = focused();
       if (!row) return;
       acknowledge(row);
-      const response = await post("/ui/studies/" + encodeURIComponent(row.dataset.uid) + "/" +
-                                  action);
+      const url = "/ui/studies/" + encodeURIComponent(row.dataset.uid) + "/" + action;
+      // A study whose images are still arriving is marked read only once the reader confirms.
+      function question(n) {
+        return "Images are still arriving for this study (" + n + " received so far). " +
+          "Mark it read anyway?";
+      }
+      const arriving = action === "read" ? Number(row.dataset.arriving || 0) : 0;
+      if (arriving > 0 && !window.confirm(question(arriving))) {
+        announce("Not marked read.");
+        return;
+      }
+      let response = await post(url, arriving > 0 ? {confirm: "yes"} : null);
       if (response.status === 401) { signIn("expired"); return; }
-      const doc = new DOMParser().parseFromString(await response.text(), "text/html");
+      let doc = new DOMParser().parseFromString(await response.text(), "text/html");
+      // The row was shown complete but images have started arriving since: ask now.
+      const ask = response.status === 409 ? doc.querySelector("[data-confirm-read]") : null;
+      if (ask) {
+        if (!window.confirm(question(ask.dataset.confirmRead))) {
+          announce("Not marked read.");
+          refresh();
+          return;
+        }
+        response = await post(url, {confirm: "yes"});
+        if (response.status === 401) { signIn("expired"); return; }
+        doc = new DOMParser().parseFromString(await response.text(), "text/html");
+      }
       const message = doc.querySelector(".error, .message");
       announce((message ? message.textContent : label).trim());
       refresh();
