@@ -81,7 +81,52 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows += web_targets(s["web"])
     if "shadow" in s:
         rows += shadow_targets(s["shadow"])
+    if "streaming" in s:
+        rows += streaming_targets(s["streaming"])
     return rows
+
+
+def streaming_targets(st: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The streaming section's rows: each goal with streaming on and off."""
+    age, goals = st["stable_age"], st["goals"]
+    rows = []
+    for name in ("on", "off"):
+        m = st[name]
+        pos, met = m["positive"], m["met"]
+        label = f"Streaming {name}:"
+        sources = sorted({r["flag_source"] for r in pos["records"]})
+        rows += [
+            (f"{label} positive head CT ({pos['slices']} slices at "
+             f"{st['pace_images_per_second']:g} images/s, bleed in slices {pos['bleed'][0]}-"
+             f"{pos['bleed'][1]}), critical flag after the first slice over the threshold "
+             "is stored", f"<= {goals['flag_after_first_over_threshold']:g} s",
+             f"{pos['flag_after_first_over_threshold']:.2f} s "
+             f"({pos['flag_after_last_slice']:+.2f} s from the last slice; "
+             f"slowest of {pos['studies']}; raised by the {', '.join(sources)})",
+             _ok(met["positive"])),
+            (f"{label} TTN p95, negative head CT ({m['negative']['slices']} slices at "
+             f"{st['pace_images_per_second']:g} images/s)",
+             f"<= {goals['negative_ttn_p95']:.1f} s (stable age {age} s + "
+             f"{goals['negative_ttn_p95'] - age:.1f} s)", _stats_text(m["negative"]["summary"]),
+             _ok(met["negative"])),
+            (f"{label} TTN p95, radiograph", f"<= {goals['radiograph_ttn_p95']:.1f} s",
+             _stats_text(m["radiograph"]["summary"]), _ok(met["radiograph"])),
+            (f"{label} ingest with service / alone", f">= {goals['ingest_ratio']:g}",
+             f"{m['ingest_ratio']:.2f} (pairs "
+             + ", ".join(f"{r:.2f}" for r in m["ingest"]["round_ratios"]) + ")",
+             _ok(met["ingest"])),
+            (f"{label} efficiency (pipeline / limit, one round)",
+             f">= {goals['efficiency_ratio']:g}",
+             f"{m['efficiency_ratio']:.2f} ({m['efficiency']['pipeline_studies_per_second']:.2f}"
+             f" vs {m['efficiency']['limit_studies_per_second']:.2f} studies/s; SR build "
+             f"{m['efficiency']['mean_parts']['sr_build'] * 1000:.0f} ms a study)",
+             _ok(met["efficiency"])),
+        ]
+    return rows
+
+
+def _stats_text(st: dict[str, Any]) -> str:
+    return f"p50 {st['p50']:.2f} s, p95 {st['p95']:.2f} s, max {st['max']:.2f} s (n {st['n']})"
 
 
 def shadow_targets(sh: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -166,7 +211,32 @@ def markdown(results: dict[str, Any]) -> str:
         lines += web_markdown(s["web"])
     if "shadow" in s:
         lines += shadow_markdown(s["shadow"])
+    if "streaming" in s:
+        lines += streaming_markdown(s["streaming"])
     return "\n".join(lines) + "\n"
+
+
+def streaming_markdown(st: dict[str, Any]) -> list[str]:
+    """The streaming section's table: the time-to-notification parts of each mode."""
+    lines = ["## Streaming", "",
+             f"Head CTs sent one C-STORE at a time at {st['pace_images_per_second']:g} "
+             "images/s, with TRIAGE_STREAMING off, then on. Median of each part (s):", "",
+             "| streaming | series | n | " + " | ".join(TTN_PARTS) + " | total p50 |",
+             "|---|---|---|" + "---|" * len(TTN_PARTS) + "---|"]
+    for name in ("off", "on"):
+        m = st[name]
+        positives = [r["analysed_after_last_slice"] for r in m["positive"]["records"]]
+        series = [("negative head CT", m["negative"]["parts"] | {"ttn": m["negative"]["summary"]}),
+                  ("radiograph", m["radiograph"]["parts"])]
+        for label, parts in series:
+            lines.append(f"| {name} | {label} | {parts['ttn']['n']} | "
+                         + " | ".join(f"{parts[p]['p50']:.3f}" for p in TTN_PARTS)
+                         + f" | {parts['ttn']['p50']:.3f} |")
+        for record in positives:
+            lines.append(f"| {name} | positive head CT (to analysed) | 1 | "
+                         + " | ".join(f"{record[p]:.3f}" for p in TTN_PARTS)
+                         + f" | {record['ttn']:.3f} |")
+    return [*lines, ""]
 
 
 def shadow_markdown(sh: dict[str, Any]) -> list[str]:

@@ -74,6 +74,37 @@ Results JSON (``latest.json``); every duration is in seconds unless its name say
                    the previous; shadow_analyses counts the rows of role 'shadow' in
                    PostgreSQL's analyses for the phase's studies, once the shadow queue has
                    drained, taking shadow_drain_seconds after the last active result)
+      streaming:   {stable_age, pace_images_per_second,
+                    goals: {flag_after_first_over_threshold, negative_ttn_p95,
+                            radiograph_ttn_p95, ingest_ratio, efficiency_ratio},
+                    off: MODE, on: MODE}   (TRIAGE_STREAMING false, then true)
+                   MODE = {streaming: bool,
+                           positive: {studies, slices, bleed: [first, last slice],
+                                      flag_after_first_over_threshold,
+                                      flag_after_last_slice (the largest of the studies;
+                                      negative when the flag came before the last slice),
+                                      summary: {flag_after_...: STATS},
+                                      records: [{uid, flag_source (preliminary|analysis),
+                                                 flag_after_first_over_threshold,
+                                                 flag_after_last_slice, seen_after_flag,
+                                                 arriving_when_seen, sent_seconds,
+                                                 analysed_after_last_slice: TTN record,
+                                                 key_slice, reasons, preliminary?}]},
+                           negative: {studies, slices, summary: STATS (of ttn),
+                                      parts: {stable_wait|...|other: STATS}, records},
+                           radiograph: {studies, summary: STATS (of ttn), parts, records},
+                           ingest_ratio, ingest: {round_ratios, series, slices_per_series,
+                                                  cpu_seconds: {alone, with_service}},
+                           efficiency_ratio, efficiency: {studies,
+                               pipeline_studies_per_second, limit_studies_per_second,
+                               mean_parts, cpu_seconds_per_study},
+                           met: {positive, negative, radiograph, ingest, efficiency}}
+                   (head CTs sent one C-STORE at a time at pace_images_per_second; see
+                   bench/streaming.py)
+
+With ``--only``, the sections run are written to ``partial.json`` and also put into
+``latest.json`` (created if absent) in place of the same sections there, the other sections'
+numbers kept; ``partial_runs`` in it says when and at which commit each such section ran.
 """
 
 from __future__ import annotations
@@ -98,7 +129,7 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from bench import api_load, report, web
+from bench import api_load, report, streaming, web
 from bench.limit import measure_limit
 from bench.measure import (
     TIMING_PARTS,
@@ -122,7 +153,7 @@ from triage.worklist import DEFAULT_PAGE_SIZE, StudyStatus, WorklistPage
 
 DEFAULT_OUTPUT = PROJECT_ROOT / "bench" / "results"
 SECTIONS = frozenset({"ingest", "ttn", "efficiency", "urgent_backlog", "memory", "api",
-                      "web", "shadow"})
+                      "web", "shadow", "streaming"})
 MEMORY_GROWTH_LIMIT_PERCENT = 5.0
 BENCH_ACTOR = "bench"  # who changes the version states in the shadow section
 
@@ -155,6 +186,13 @@ class Config:
     web_change_interval: float = 0.3
     shadow_studies: int = 20
     shadow_interval: float = 3.0
+    streaming_slices: int = 300
+    streaming_bleed: tuple[int, int] = (100, 121)  # range of the slices with a bleed
+    streaming_pace: float = 25.0  # images per second, as a CT scanner sends them
+    streaming_positives: int = 3
+    streaming_negatives: int = 5
+    streaming_radiographs: int = 10
+    streaming_ingest_rounds: int = 3
 
 
 SMOKE = Config(stable_age=1, ttn_radiographs=2, ttn_head_cts=1, ct_slices=10,
@@ -164,7 +202,9 @@ SMOKE = Config(stable_age=1, ttn_radiographs=2, ttn_head_cts=1, ct_slices=10,
                api_seconds=2.0, api_paced_seconds=2.0, api_think_seconds=0.5,
                api_changes_per_second=5.0, api_capacity_seconds=1.0,
                api_capacity_think_seconds=(0.1,), web_studies=200, web_loads=3,
-               web_changes=3, shadow_studies=1, shadow_interval=0.5)
+               web_changes=3, shadow_studies=1, shadow_interval=0.5,
+               streaming_slices=40, streaming_bleed=(10, 16), streaming_positives=1,
+               streaming_negatives=1, streaming_radiographs=1, streaming_ingest_rounds=1)
 
 
 def study_uid(key: str) -> str:
@@ -459,7 +499,8 @@ class Bench:
         for name, state in (("without", "retired"), ("with", "shadow")):
             self.set_trial_state(state)
             phases[name] = self.shadow_phase(name, state)
-        self.set_trial_state("retired", wait=False)  # the last section: nothing runs after it
+        # Not waited for: only the streaming section may follow, and it restarts the workers.
+        self.set_trial_state("retired", wait=False)
         without, with_shadow = (phases[n]["ttn"]["p95"] for n in ("without", "with"))
         return {"model": model, "active_version": installed, "trial_version": trial,
                 "trial_threshold": TRIAL_THRESHOLD, "studies": c.shadow_studies,
@@ -556,10 +597,10 @@ class Bench:
             if "shadow" in only:
                 self.stack.start_postgres()
                 self.register_trial()
+            if only - {"streaming"}:  # the streaming section starts the service its own way
+                self.stack.start_service()
             if "ingest" in only:
                 sections["ingest"] = self.ingest_section()
-            else:
-                self.stack.start_service()
             if "ttn" in only:
                 age = c.stable_age
                 sections["ttn"] = {
@@ -583,27 +624,30 @@ class Bench:
                 sections["web"] = self.web()
             if "shadow" in only:
                 sections["shadow"] = self.shadow()
+            if "streaming" in only:  # last: it restarts the service with streaming off, on
+                sections["streaming"] = streaming.section(self)
             versions = self._versions()
         finally:
             self.stack.stop()
         return {"sections": sections, "versions": versions}
 
-    def ingest_section(self) -> dict[str, Any]:
-        """``ingest_rounds`` pairs of runs: Orthanc alone (the service's processes stopped
-        with SIGSTOP, using no CPU), then at once the same with the service running and
-        analysing what arrives. The two runs of a pair are seconds apart, so a change in
-        the speed of a shared machine affects both; the median ratio of the pairs decides."""
+    def ingest_section(self, rounds: int | None = None, label: str = "") -> dict[str, Any]:
+        """``ingest_rounds`` (or ``rounds``) pairs of runs: Orthanc alone (the service's
+        processes stopped with SIGSTOP, using no CPU), then at once the same with the service
+        running and analysing what arrives. The two runs of a pair are seconds apart, so a
+        change in the speed of a shared machine affects both; the median ratio of the pairs
+        decides. ``label`` keeps the studies of another section's run apart."""
         c = self.config
-        self.stack.start_service()
+        rounds = c.ingest_rounds if rounds is None else rounds
         pairs = []
-        for round_number in range(c.ingest_rounds):
+        for round_number in range(rounds):
             self.stack.pause_service()
-            alone = self.ingest(f"alone{round_number}")
+            alone = self.ingest(f"{label}alone{round_number}")
             # Gone before the watcher wakes: it must not analyse them during the next run.
             self.stack.delete_all_studies()
             self.stack.resume_service()
-            with_service = self.ingest(f"service{round_number}")
-            uids = [study_uid(self.key(f"ingest-service{round_number}", n))
+            with_service = self.ingest(f"{label}service{round_number}")
+            uids = [study_uid(self.key(f"ingest-{label}service{round_number}", n))
                     for n in range(c.ingest_series)]
             wait_analysed(self.stack.worklist, uids, self.timeout(c.ct_slices * len(uids)),
                           self.alive)
@@ -613,7 +657,7 @@ class Bench:
         median = sorted(range(len(pairs)), key=ratios.__getitem__)[len(pairs) // 2]
         return {"target_ratio": 0.9, "met": ratios[median] >= 0.9, "ratio": ratios[median],
                 "series": c.ingest_series, "slices_per_series": c.ct_slices,
-                "rounds": c.ingest_rounds, "round_ratios": ratios,
+                "rounds": rounds, "round_ratios": ratios,
                 "alone": pairs[median][0], "with_service": pairs[median][1],
                 "all_alone": [a for a, _ in pairs], "all_with_service": [s for _, s in pairs]}
 
@@ -698,6 +742,21 @@ def _headline(sections: dict[str, Any]) -> dict[str, Any]:
     return strip(sections)
 
 
+def merge_into_latest(path: Path, results: dict[str, Any]) -> None:
+    """Put the sections of a partial run into ``path`` (a whole run's results, or a new file),
+    replacing the same sections and keeping every other section's numbers."""
+    latest = json.loads(path.read_text()) if path.exists() else {**results, "sections": {}}
+    latest["sections"].update(results["sections"])
+    runs = latest.setdefault("partial_runs", {})
+    for name in results["sections"]:
+        runs[name] = {"started_at": results["started_at"],
+                      "finished_at": results["finished_at"],
+                      "git_commit": results["machine"]["git_commit"],
+                      "git_dirty": results["machine"]["git_dirty"],
+                      "config": results["config"]}
+    path.write_text(json.dumps(latest, indent=2, default=str))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split(
         "\n\n")[0])
@@ -708,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the temporary data directory (logs, Orthanc, Redis)")
     parser.add_argument("--only", default="", metavar="SECTION[,SECTION]",
                         help="run only these sections (" + ", ".join(sorted(SECTIONS)) + "); "
-                        "writes partial.json instead of the full results")
+                        "writes partial.json and puts them into latest.json")
     args = parser.parse_args(argv)
     only = frozenset(filter(None, args.only.split(","))) or SECTIONS
     if only - SECTIONS:
@@ -735,6 +794,8 @@ def main(argv: list[str] | None = None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     if only != SECTIONS:
         (args.output / "partial.json").write_text(json.dumps(results, indent=2, default=str))
+        if not args.smoke:
+            merge_into_latest(args.output / "latest.json", results)
         print(json.dumps(_headline(results["sections"]), indent=2, default=str))
         return 0
     (args.output / "latest.json").write_text(json.dumps(results, indent=2, default=str))

@@ -3,31 +3,42 @@
 - radiographs: RG1_UNCR.dcm (chest, 1955 x 1841) and RG3_UNCR.dcm (extremity, 1760 x 1760),
   modality CR, one image per study;
 - head CT: 693_UNCR.dcm (a real 512 x 512 CT slice) repeated as an axial non-contrast head CT
-  series with consecutive positions 5 mm apart, the way a scanner sends a 300-slice series.
+  series with consecutive positions 5 mm apart, the way a scanner sends a 300-slice series;
+  with ``bleed``, the slices given carry a disc of blood-like density (65 HU, ``BLEED_MM``
+  across), which the head-CT model scores positive (the score rises with the diameter: 0.007
+  without a disc, 0.33 at 6.5 mm, 0.72 at 7 mm, 0.93 at 8 mm, 1.0 from 10 mm).
 
 Every study gets fresh UIDs from a run-specific tag, so each one is new to Orthanc.
 """
 
 from __future__ import annotations
 
+from collections.abc import Container
 from functools import cache
 from pathlib import Path
 
 import pydicom
 from pydicom.data import get_testdata_file
 
+from triage.samples import add_hyperdense_region
 from triage.uids import derived_uid
 
 RADIOGRAPH_SOURCES = ("RG1_UNCR.dcm", "RG3_UNCR.dcm")
 CT_SOURCE = "693_UNCR.dcm"
+# Diameter of the bleed drawn into a head CT's slices: well over the model's threshold.
+BLEED_MM = 12.0
+
+
+def _source_path(name: str) -> str:
+    path = get_testdata_file(name)
+    if not isinstance(path, str):
+        raise FileNotFoundError(f"{name}: install the pydicom-data package")
+    return path
 
 
 @cache
 def _source(name: str) -> pydicom.Dataset:
-    path = get_testdata_file(name)
-    if not isinstance(path, str):
-        raise FileNotFoundError(f"{name}: install the pydicom-data package")
-    return pydicom.dcmread(path)
+    return pydicom.dcmread(_source_path(name))
 
 
 def _relabel(ds: pydicom.Dataset, key: str, index: int, patient: str) -> None:
@@ -59,8 +70,19 @@ def radiograph(directory: Path, key: str, n: int = 0, *, stat: bool = False) -> 
     return [path]
 
 
-def head_ct(directory: Path, key: str, slices: int) -> list[Path]:
-    """A ``slices``-image axial head CT series in its own folder."""
+@cache
+def _ct_pixels(bleed: bool) -> bytes:
+    """The CT slice's pixel data, with the bleed drawn in or not (each made once)."""
+    ds = pydicom.dcmread(_source_path(CT_SOURCE))  # a copy of its own to draw into
+    if bleed:
+        add_hyperdense_region(ds, diameter_mm=BLEED_MM)
+    return bytes(ds.PixelData)
+
+
+def head_ct(directory: Path, key: str, slices: int,
+            bleed: Container[int] = ()) -> list[Path]:
+    """A ``slices``-image axial head CT series in its own folder; the slices whose index is
+    in ``bleed`` show a bleed the head-CT model finds."""
     ds = _source(CT_SOURCE)
     folder = directory / key
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,6 +98,7 @@ def head_ct(directory: Path, key: str, slices: int) -> list[Path]:
         ds.ImagePositionPatient = [x, y, index * 5.0]
         ds.SliceLocation = index * 5.0
         ds.SliceThickness = 5.0
+        ds.PixelData = _ct_pixels(index in bleed)
         path = folder / f"{index:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

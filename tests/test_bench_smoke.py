@@ -21,7 +21,7 @@ pytest.importorskip("matplotlib")
 pytestmark = pytest.mark.servers
 
 SECTIONS = ("ttn", "efficiency", "urgent_backlog", "ingest", "api", "memory", "web",
-            "shadow")
+            "shadow", "streaming")
 STATS = ("n", "p50", "p95", "p99", "max", "mean")
 
 
@@ -100,3 +100,20 @@ def test_bench_smoke(tmp_path: Path) -> None:
     for name in ("summary.md", "ttn.png", "memory.png", "api.png", "ratios.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "## Shadow trials" in (tmp_path / "summary.md").read_text()
+    # Streaming off, then on: the positive CT is flagged by the analysis at stability, then
+    # by a preliminary result, on a slice of its bleed either way.
+    bleed = range(*results["config"]["streaming_bleed"])
+    for mode, on in (("off", False), ("on", True)):
+        m = s["streaming"][mode]
+        assert m["streaming"] is on
+        pos = m["positive"]
+        assert _number(pos["flag_after_first_over_threshold"])
+        assert _number(pos["flag_after_last_slice"])
+        assert {r["flag_source"] for r in pos["records"]} == {
+            "preliminary" if on else "analysis"}
+        assert all(r["key_slice"] in bleed for r in pos["records"])
+        _stats(m["negative"]["summary"])
+        _stats(m["radiograph"]["summary"])
+        assert m["ingest_ratio"] > 0 and m["efficiency_ratio"] > 0
+        assert all(isinstance(v, bool) for v in m["met"].values())
+    assert "## Streaming" in (tmp_path / "summary.md").read_text()

@@ -321,9 +321,12 @@ def test_batches_go_by_size_or_age_and_yield_to_analyses_of_complete_studies(
     assert dispatcher.send(connection, 0.2, sent.append) == 0  # neither full nor old enough
     assert dispatcher.send(connection, 0.26, sent.append) == 1
     assert sent[-1].instance_ids == ["a", "b", "c"]
-    # A full batch goes at once, in pieces of the model's batch size (16).
+    # A batch full before its time is a burst, left to the analysis at stability.
     dispatcher.add("study", "1.2.3", "series", [str(i) for i in range(20)], now=1.0)
-    assert dispatcher.send(connection, 1.0, sent.append) == 2
+    assert dispatcher.send(connection, 1.1, sent.append) == 0 and dispatcher.bursts == 20
+    # One that waited its time goes, in pieces of the model's batch size (16).
+    dispatcher.add("study", "1.2.3", "series", [str(i) for i in range(20)], now=1.5)
+    assert dispatcher.send(connection, 1.8, sent.append) == 2
     assert [len(b.instance_ids) for b in sent[-2:]] == [16, 4]
     # A complete study's batches are left to its analysis.
     dispatcher.add("study", "1.2.3", "series", ["d"], now=2.0)

@@ -207,7 +207,9 @@ class Settings(BaseSettings):
     )
 
     stable_age: int = Field(default=DEFAULT_STABLE_AGE, ge=1)
-    watcher_poll_seconds: float = Field(default=0.2, gt=0)
+    watcher_poll_seconds: float = Field(
+        default=0.1, gt=0, description="How often the leading watcher reads Orthanc's change "
+        "log: a study is found complete up to this long after its stable age")
     streaming: bool = Field(
         default=True, description="Analyse the images of streaming models (manifest "
         "preprocessing.streaming) as they arrive, raise the priority on a preliminary "

@@ -6,6 +6,11 @@ batch reaches the model's batch size or its first image has waited ``stream_batc
 A batch is dropped (the analysis at stability computes its images) when an analysis of a
 complete study waits, or when ``stream_max_waiting`` batches already wait: under load the
 service falls back to analysing complete studies instead of building a backlog.
+
+A series arriving in a burst (a full batch sooner than ``stream_batch_seconds``: 64 images a
+second and more with a batch size of 16, a PACS or a fast link rather than a scanner at its
+pace) is not streamed either: it is complete within seconds anyway, and downloading its
+images while Orthanc is still receiving them would slow the reception that matters more.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class Dispatcher:
         self.pending: dict[str, Batch] = {}
         self.sent = 0
         self.dropped = 0
+        self.bursts = 0  # images of series arriving in a burst, left to the final analysis
 
     @classmethod
     def for_settings(cls, settings: Settings) -> Dispatcher | None:
@@ -88,13 +94,17 @@ class Dispatcher:
             del self.pending[series_id]
 
     def due(self, now: float) -> list[Batch]:
-        """Take the batches due at ``now``, full ones split into batch-size pieces."""
+        """Take the batches due at ``now``, full ones split into batch-size pieces; a batch
+        full before its time is a burst, dropped."""
         taken = []
         for series_id, batch in list(self.pending.items()):
-            if (len(batch.instance_ids) < self.batch_size
-                    and now - batch.first_seen < self.settings.stream_batch_seconds):
+            early = now - batch.first_seen < self.settings.stream_batch_seconds
+            if len(batch.instance_ids) < self.batch_size and early:
                 continue
             del self.pending[series_id]
+            if early:
+                self.bursts += len(batch.instance_ids)
+                continue
             for start in range(0, len(batch.instance_ids), self.batch_size):
                 taken.append(Batch(batch.study_id, batch.study_instance_uid, series_id,
                                    batch.first_seen,

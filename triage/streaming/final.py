@@ -81,7 +81,9 @@ def analyse_series(orthanc: OrthancClient, loader: SeriesLoader, cache: ScoreCac
     findings = findings_from_scores(manifest, outputs, uids,
                                     tuple(i.sop_class_uid for i in ordered))
     timings["inference"] += perf_counter() - inferring
+    fetching = perf_counter()
     first = evidence_header(orthanc, images, full)
+    timings["fetch"] += perf_counter() - fetching
     headers = (first, *(full.get(i.sop_instance_uid) or i.header() for i in images
                         if i.sop_instance_uid != str(first.SOPInstanceUID)))
     return ScoredSeries(
