@@ -111,17 +111,20 @@ def streaming_targets(st: dict[str, Any]) -> list[tuple[str, str, str, str]]:
              _ok(met["negative"])),
             (f"{label} TTN p95, radiograph", f"<= {goals['radiograph_ttn_p95']:.1f} s",
              _stats_text(m["radiograph"]["summary"]), _ok(met["radiograph"])),
-            (f"{label} ingest with service / alone", f">= {goals['ingest_ratio']:g}",
-             f"{m['ingest_ratio']:.2f} (pairs "
-             + ", ".join(f"{r:.2f}" for r in m["ingest"]["round_ratios"]) + ")",
-             _ok(met["ingest"])),
-            (f"{label} efficiency (pipeline / limit, one round)",
-             f">= {goals['efficiency_ratio']:g}",
-             f"{m['efficiency_ratio']:.2f} ({m['efficiency']['pipeline_studies_per_second']:.2f}"
-             f" vs {m['efficiency']['limit_studies_per_second']:.2f} studies/s; SR build "
-             f"{m['efficiency']['mean_parts']['sr_build'] * 1000:.0f} ms a study)",
-             _ok(met["efficiency"])),
         ]
+        if m["ingest"] is not None:
+            rows.append((f"{label} ingest with service / alone", f">= {goals['ingest_ratio']:g}",
+                         f"{m['ingest_ratio']:.2f} (pairs "
+                         + ", ".join(f"{r:.2f}" for r in m["ingest"]["round_ratios"]) + ")",
+                         _ok(met["ingest"])))
+        if m["efficiency"] is not None:
+            e = m["efficiency"]
+            rows.append((f"{label} efficiency (pipeline / limit, one round)",
+                         f">= {goals['efficiency_ratio']:g}",
+                         f"{m['efficiency_ratio']:.2f} ({e['pipeline_studies_per_second']:.2f}"
+                         f" vs {e['limit_studies_per_second']:.2f} studies/s; SR build "
+                         f"{e['mean_parts']['sr_build'] * 1000:.0f} ms a study)",
+                         _ok(met["efficiency"])))
     return rows
 
 

@@ -193,6 +193,9 @@ class Config:
     streaming_negatives: int = 5
     streaming_radiographs: int = 10
     streaming_ingest_rounds: int = 3
+    # The ingest and efficiency measures again, in each mode (their own sections check that
+    # they work: the smoke run leaves them out here).
+    streaming_reruns: bool = True
 
 
 SMOKE = Config(stable_age=1, ttn_radiographs=2, ttn_head_cts=1, ct_slices=10,
@@ -204,7 +207,8 @@ SMOKE = Config(stable_age=1, ttn_radiographs=2, ttn_head_cts=1, ct_slices=10,
                api_capacity_think_seconds=(0.1,), web_studies=200, web_loads=3,
                web_changes=3, shadow_studies=1, shadow_interval=0.5,
                streaming_slices=40, streaming_bleed=(10, 16), streaming_positives=1,
-               streaming_negatives=1, streaming_radiographs=1, streaming_ingest_rounds=1)
+               streaming_negatives=1, streaming_radiographs=1, streaming_ingest_rounds=1,
+               streaming_reruns=False)
 
 
 def study_uid(key: str) -> str:

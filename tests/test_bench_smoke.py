@@ -114,6 +114,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert all(r["key_slice"] in bleed for r in pos["records"])
         _stats(m["negative"]["summary"])
         _stats(m["radiograph"]["summary"])
-        assert m["ingest_ratio"] > 0 and m["efficiency_ratio"] > 0
+        # The ingest and efficiency measures are rerun per mode by the full run only.
+        assert m["ingest_ratio"] is None and m["efficiency_ratio"] is None
         assert all(isinstance(v, bool) for v in m["met"].values())
     assert "## Streaming" in (tmp_path / "summary.md").read_text()

@@ -80,7 +80,8 @@ def analyse_arrivals(study_id: str, study_instance_uid: str, series_id: str,
     if not packages:
         return "no active streaming model"
     item = ctx.worklist.get(study_instance_uid)
-    if item is not None and _complete(item):
+    if item is not None and (_complete(item) or _analysed_as_is(item, _inputs(
+            ctx, study_id, study_instance_uid) if item.status.terminal else None)):
         return "the study is complete: left to its analysis"
     raws = list(ctx.loader.pool.map(ctx.orthanc.instance_file, instance_ids))
     datasets = [pydicom.dcmread(io.BytesIO(raw)) for raw in raws]
@@ -99,6 +100,19 @@ def _complete(item: WorklistItem) -> bool:
     """The watcher has queued the complete study (its analysis computes what is left)."""
     return (item.arriving == 0 and bool(item.job_id)
             and item.status in (StudyStatus.QUEUED, StudyStatus.ANALYSING))
+
+
+def _analysed_as_is(item: WorklistItem, inputs: str | None) -> bool:
+    """The study's analysis has ended on exactly the images it has now (``inputs``): a batch
+    that reaches a worker after it has nothing to add. Images that arrived since (a late
+    series) are streamed as any others."""
+    return (inputs is not None and item.status.terminal and item.arriving == 0
+            and item.inputs == inputs)
+
+
+def _inputs(ctx: WorkerContext, study_id: str, study_uid: str) -> str:
+    """The fingerprint of the study's source images now."""
+    return snapshot_study(ctx.orthanc, study_id, study_instance_uid=study_uid).inputs
 
 
 def _score(ctx: WorkerContext, package: ModelPackage, datasets: Sequence[pydicom.Dataset],
@@ -183,6 +197,7 @@ def _raise(ctx: WorkerContext, study_id: str, study_uid: str, crossings: list[Cr
     snapshot: StudySnapshot | None = None
     if ctx.worklist.get(study_uid) is None:
         snapshot = snapshot_study(ctx.orthanc, study_id, first_instance=True)
+    inputs = snapshot.inputs if snapshot is not None else _inputs(ctx, study_id, study_uid)
     now = utcnow()
     raised: list[Crossing] = []
 
@@ -198,8 +213,8 @@ def _raise(ctx: WorkerContext, study_id: str, study_uid: str, crossings: list[Cr
             item = Watcher._queued_item(snapshot, "", clinical, None).model_copy(update={
                 "job_id": "", "inputs": "", "arriving": count,
                 "status_reason": arriving_reason(count)})
-        elif _complete(existing):
-            return None  # queued meanwhile: its analysis says what the study shows
+        elif _complete(existing) or _analysed_as_is(existing, inputs):
+            return None  # queued or analysed meanwhile: its analysis says what it shows
         else:
             item = existing
             if existing.arriving:
