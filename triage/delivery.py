@@ -122,18 +122,7 @@ def schedule_preliminary(connection: redis.Redis, settings: Settings,
 
 def deliver_preliminary(study_uid: str, webhook_name: str) -> str:
     """RQ job: POST a preliminary result to a webhook (no patient data)."""
-    from triage.jobs import context
-
-    ctx = context()
-    webhook = _webhook(ctx.settings, webhook_name)
-
-    def send() -> None:
-        item = ctx.worklist.get(study_uid)
-        if item is None:
-            raise PermanentError("study no longer on the worklist")
-        _post(webhook, preliminary_notification(ctx.settings, item))
-
-    return _attempt(study_uid, "", webhook_name, send)
+    return _tell(study_uid, "", webhook_name, preliminary_notification)
 
 
 def preliminary_notification(settings: Settings, item: WorklistItem) -> dict[str, Any]:
@@ -233,6 +222,12 @@ def _key_image_ids(ctx: Any, study_uid: str, sr_uid: str) -> list[str]:
 
 def deliver_webhook(study_uid: str, sr_uid: str, webhook_name: str) -> str:
     """RQ job: POST a notification of the result to a webhook (no patient data)."""
+    return _tell(study_uid, sr_uid, webhook_name, notification)
+
+
+def _tell(study_uid: str, sr_uid: str, webhook_name: str,
+          message: Callable[[Settings, WorklistItem], dict[str, Any]]) -> str:
+    """One attempt to POST ``message`` of the study's item to a webhook."""
     from triage.jobs import context
 
     ctx = context()
@@ -242,7 +237,7 @@ def deliver_webhook(study_uid: str, sr_uid: str, webhook_name: str) -> str:
         item = ctx.worklist.get(study_uid)
         if item is None:
             raise PermanentError("study no longer on the worklist")
-        _post(webhook, notification(ctx.settings, item))
+        _post(webhook, message(ctx.settings, item))
 
     return _attempt(study_uid, sr_uid, webhook_name, send)
 

@@ -131,6 +131,19 @@ class Watcher:
     def _forget_unstable(self, study_id: str) -> None:
         self._write(lambda pipe: pipe.hdel(UNSTABLE_KEY, study_id))
 
+    def _enqueue_fenced(self, enqueue: Callable[[Pipeline | None], object]) -> None:
+        """Run an RQ enqueue, with a lease as part of a transaction fenced by it (the
+        ``pipeline`` RQ's enqueue takes, in MULTI)."""
+        if self.lease is None:
+            enqueue(None)
+            return
+
+        def fenced(pipe: Pipeline) -> None:
+            pipe.multi()
+            enqueue(pipe)
+
+        self.lease.transaction(fenced)
+
     def _check_lease(self) -> None:
         """Just before a write that cannot join a fenced transaction (RQ's own calls)."""
         if self.lease is not None:
@@ -181,20 +194,10 @@ class Watcher:
             return 0
 
         def enqueue(batch: Batch) -> None:
-            def commands(pipe: Pipeline | None = None) -> None:
-                enqueue_stream(self.redis, self.settings, study_id=batch.study_id,
-                               study_instance_uid=batch.study_instance_uid,
-                               series_id=batch.series_id, instance_ids=batch.instance_ids,
-                               pipeline=pipe)
-
-            if self.lease is None:
-                commands()
-            else:
-                def fenced(pipe: Pipeline) -> None:
-                    pipe.multi()
-                    commands(pipe)
-
-                self.lease.transaction(fenced)
+            self._enqueue_fenced(lambda pipe: enqueue_stream(
+                self.redis, self.settings, study_id=batch.study_id,
+                study_instance_uid=batch.study_instance_uid, series_id=batch.series_id,
+                instance_ids=batch.instance_ids, pipeline=pipe))
 
         sent: list[int] = []
         _logged_on_error(lambda: sent.append(streamer.send(self.redis, now, enqueue)),
@@ -387,20 +390,10 @@ class Watcher:
         # The worklist upsert above was fenced in its transaction, and so is the enqueue: a
         # leader that lost its lease in between writes the item but no job, and the new
         # leader, finding no pending job for it, queues the study itself.
-        def enqueue(pipeline: Pipeline | None = None) -> None:
-            enqueue_analysis(self.redis, self.settings, queue=queue, job_id=job_id,
-                             orthanc_id=snapshot.orthanc_id,
-                             study_instance_uid=snapshot.study_instance_uid,
-                             inputs=snapshot.inputs, pipeline=pipeline)
-
-        if self.lease is None:
-            enqueue()
-        else:
-            def fenced(pipe: Pipeline) -> None:
-                pipe.multi()
-                enqueue(pipe)
-
-            self.lease.transaction(fenced)
+        self._enqueue_fenced(lambda pipe: enqueue_analysis(
+            self.redis, self.settings, queue=queue, job_id=job_id,
+            orthanc_id=snapshot.orthanc_id, study_instance_uid=snapshot.study_instance_uid,
+            inputs=snapshot.inputs, pipeline=pipe))
         log.info("study %s queued (%d instances, queue %s)",
                  pseudonym(snapshot.study_instance_uid), snapshot.n_instances, queue.value)
         return True
