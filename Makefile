@@ -73,7 +73,7 @@ test-deploy: deps
 	./deploy/build-images.sh
 	TRIAGE_TEST_DEPLOY=1 $(BIN)/python -m pytest -q -p no:cacheprovider -s tests/deploy $(PYTEST_ARGS)
 
-# Performance against the targets in BENCHMARKS.md (about 10 minutes on 2 cores);
+# Performance against the targets in BENCHMARKS.md (about 20 minutes on 2 cores);
 # writes bench/results/latest.json, summary.md and plots.
 bench: deps
 	$(BIN)/python -m bench.run
