@@ -18,6 +18,7 @@ from playwright.sync_api import Browser, Dialog, Page, expect, sync_playwright
 from tests.browser import axe_violations, describe, launch, offline_context, shot, sign_in
 from tests.conftest import serve_api
 from tests.test_api import make_item
+from tests.test_web import _row
 from triage.audit import AuditAction, records
 from triage.priority import PriorityClass
 from triage.settings import Settings
@@ -142,10 +143,6 @@ def _answer_dialogs(page: Page, accept: list[bool]) -> list[str]:
 
     page.on("dialog", answer)
     return asked
-
-
-def _row(page: Page, uid: str):  # type: ignore[no-untyped-def]
-    return page.locator(f"#rows tr.row[data-uid='{uid}']")
 
 
 def test_worklist_badge_is_live_and_m_asks_before_marking_read(clean: Site,

@@ -69,14 +69,10 @@ def schedule(connection: redis.Redis, settings: Settings, item: WorklistItem) ->
             continue  # already planned or done for this result
         _set_state(connection, item.study_instance_uid, target, sr_uid,
                    lambda d: d, kind=kind)
-        job = queue.enqueue(function, item.study_instance_uid, sr_uid, target,
-                            job_id=delivery_job_id(kind, target, sr_uid),
-                            retry=Retry(max=settings.delivery_retries,
-                                        interval=settings.delivery_retry_seconds)
-                            if settings.delivery_retries else None,
-                            failure_ttl=14 * 24 * 3600, result_ttl=24 * 3600,
-                            description=f"deliver result to {target}")
-        scheduled.append(job.id)
+        scheduled.append(_enqueue(queue, settings, function,
+                                  (item.study_instance_uid, sr_uid, target),
+                                  delivery_job_id(kind, target, sr_uid),
+                                  f"deliver result to {target}"))
     return scheduled
 
 
@@ -108,15 +104,11 @@ def schedule_preliminary(connection: redis.Redis, settings: Settings,
         _set_state(connection, item.study_instance_uid, webhook.name, "", lambda d: d,
                    kind=PRELIMINARY)
         digest = hashlib.sha256(item.study_instance_uid.encode()).hexdigest()[:20]
-        job = Queue(QueueName.URGENT.value, connection=connection).enqueue(
-            "triage.delivery.deliver_preliminary", item.study_instance_uid, webhook.name,
-            job_id=f"deliver-preliminary-{webhook.name}-{digest}",
-            retry=Retry(max=settings.delivery_retries,
-                        interval=settings.delivery_retry_seconds)
-            if settings.delivery_retries else None,
-            failure_ttl=14 * 24 * 3600, result_ttl=24 * 3600,
-            description=f"deliver preliminary result to {webhook.name}")
-        scheduled.append(job.id)
+        scheduled.append(_enqueue(
+            Queue(QueueName.URGENT.value, connection=connection), settings,
+            "triage.delivery.deliver_preliminary", (item.study_instance_uid, webhook.name),
+            f"deliver-preliminary-{webhook.name}-{digest}",
+            f"deliver preliminary result to {webhook.name}"))
     return scheduled
 
 
@@ -142,6 +134,17 @@ def preliminary_notification(settings: Settings, item: WorklistItem) -> dict[str
         "link": f"{settings.api_base_url}/api/v1/studies/{item.study_instance_uid}",
         "verified": False,
     }
+
+
+def _enqueue(queue: Queue, settings: Settings, function: str, args: tuple[str, ...],
+             job_id: str, description: str) -> str:
+    """Queue one delivery job, retried with the configured backoff; returns its id."""
+    return queue.enqueue(function, *args, job_id=job_id,
+                         retry=Retry(max=settings.delivery_retries,
+                                     interval=settings.delivery_retry_seconds)
+                         if settings.delivery_retries else None,
+                         failure_ttl=14 * 24 * 3600, result_ttl=24 * 3600,
+                         description=description).id
 
 
 def _state(item: WorklistItem, target: str, sr_uid: str) -> DeliveryItem | None:
