@@ -16,12 +16,14 @@ from pydicom.data import get_testdata_file
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
+from rq import Queue
 
 from tests.conftest import Servers, free_port
 from tests.senders import pynetdicom_send
 from triage import jobs
 from triage.findings import CodedConcept, Finding, ModelIdentity, ModelResult
 from triage.ingest import StudySnapshot
+from triage.queues import VIGILANCE_QUEUE
 from triage.samples import SAMPLES, build_sample
 from triage.settings import Settings
 from triage.vigilance import recording
@@ -293,6 +295,44 @@ def test_only_the_lock_holder_flushes(clean_servers: Servers, vigilance_database
     connection.delete(recording.LOCK)
     assert flush(connection, vigilance_database) == 1
     assert connection.get(recording.LOCK) is None
+
+
+def test_records_left_waiting_are_flushed_by_a_job_the_leading_watcher_queues(
+        clean_servers: Servers, vigilance_database: Settings, vigilance_db: psycopg.Connection,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record appended while another worker held the lock, with no study after it: the
+    watcher's periodic chores queue one flush job, which a worker runs."""
+    connection = clean_servers.redis
+    assert vigilance_database.database_url is not None
+    monkeypatch.setenv("TRIAGE_DATABASE_URL", vigilance_database.database_url)
+    jobs.context.cache_clear()
+    watcher = Watcher(clean_servers.settings, clean_servers.orthanc, connection)
+    vigilance = Queue(VIGILANCE_QUEUE, connection=connection)
+    watcher.maintain(datetime.now(UTC))
+    assert vigilance.count == 0, "nothing waits: nothing queued"
+
+    enqueue(connection, [record(), record(study_uid="1.2.3.6")])
+    connection.set(recording.LOCK, "another-worker", px=30_000)
+    assert flush(connection, vigilance_database) == 0  # the worker after the study
+    watcher.maintain(datetime.now(UTC))
+    assert vigilance.count == 0, "a flusher holds the lock: it may still take them"
+    connection.delete(recording.LOCK)  # it ended before the records were appended
+    connection.set(RETRY_AFTER, "1", px=30_000)
+    watcher.maintain(datetime.now(UTC))
+    assert vigilance.count == 0, "PostgreSQL is backed off: nothing queued until it ends"
+    connection.delete(RETRY_AFTER)
+    watcher.maintain(datetime.now(UTC))
+    watcher.maintain(datetime.now(UTC))
+    assert vigilance.job_ids == [recording.FLUSH_JOB_ID], "one job, however often asked"
+
+    run_worker(burst=True)
+    jobs.context.cache_clear()
+    assert connection.llen(OUTBOX) == 0
+    assert rows(vigilance_db, "SELECT study_uid FROM analyses ORDER BY study_uid") == [
+        ("1.2.3.6",), (STUDY,)]
+    # The job leaves nothing behind: the next records get a job again.
+    enqueue(connection, [record(study_uid="1.2.3.7")])
+    assert recording.schedule_flush(connection) == recording.FLUSH_JOB_ID
 
 
 # -- the worker ------------------------------------------------------------------------------

@@ -335,6 +335,8 @@ class Watcher:
         self._check_lease()
         recover_abandoned(self.writer)
         self.sweep_unstable(now)
+        # Records left waiting when no study followed (or after PostgreSQL's back-off).
+        recording.schedule_flush(self.redis)
 
     def _handle(self, change: Change) -> int | None:
         """Handle one stable study: 1 if it was queued, 0 if there was nothing to queue,

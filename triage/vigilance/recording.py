@@ -36,10 +36,13 @@ import psycopg
 import redis
 from psycopg.rows import TupleRow
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from rq import Queue
+from rq.exceptions import DuplicateJobError
 
 from triage.findings import ModelResult
 from triage.ingest import StudySnapshot
 from triage.lease import release_if_held
+from triage.queues import VIGILANCE_QUEUE
 from triage.selection import patient_age_years
 from triage.settings import Settings
 from triage.vigilance import db
@@ -60,6 +63,7 @@ CONNECT_TIMEOUT_SECONDS = 2
 STATEMENT_TIMEOUT_MS = 5000
 # A flush stops starting new batches after this long, well within the lock's lifetime.
 FLUSH_BUDGET_SECONDS = 10.0
+FLUSH_FAILURE_TTL = 300
 ACTOR = "triage-worker"
 TEXT_LIMIT = 64
 # Larger values of these attributes are errors of the sending modality, not acquisitions.
@@ -319,6 +323,45 @@ def flush(connection: redis.Redis, settings: Settings, *, batch: int = 200) -> i
         return _drain(connection, settings, token, batch)
     finally:
         release_if_held(connection, LOCK, token)
+
+
+FLUSH_JOB = "triage.vigilance.recording.flush_job"
+FLUSH_JOB_ID = "vigilance-flush"
+
+
+def schedule_flush(connection: redis.Redis) -> str | None:
+    """Queue one flush on the vigilance queue when records wait and nobody flushes them.
+
+    Workers flush after each study, so records wait only when no study follows: the last
+    study of a quiet night, a record appended while another worker held the lock, or the
+    outbox kept through PostgreSQL's back-off. The leading watcher calls this with its
+    periodic chores; it never touches PostgreSQL itself (a slow database must not delay the
+    change log). Returns the job id when a job was queued.
+    """
+    pipe = connection.pipeline(transaction=False)
+    pipe.exists(RETRY_AFTER)
+    pipe.exists(LOCK)
+    pipe.llen(OUTBOX)
+    pipe.llen(ARRIVALS)
+    backing_off, locked, pending, arrivals = pipe.execute()
+    if backing_off or locked or not (pending or arrivals):
+        return None
+    try:
+        Queue(VIGILANCE_QUEUE, connection=connection).enqueue(
+            FLUSH_JOB, job_id=FLUSH_JOB_ID, unique=True, result_ttl=0,
+            failure_ttl=FLUSH_FAILURE_TTL, job_timeout=LOCK_SECONDS + FLUSH_BUDGET_SECONDS,
+            description="vigilance records to PostgreSQL")
+    except DuplicateJobError:  # one is queued already
+        return None
+    return FLUSH_JOB_ID
+
+
+def flush_job() -> int:
+    """RQ job: move the outbox to PostgreSQL (see ``schedule_flush``)."""
+    from triage.jobs import context
+
+    ctx = context()
+    return flush(ctx.redis, ctx.settings)
 
 
 def _connect(settings: Settings) -> Connection:
