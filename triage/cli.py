@@ -135,6 +135,19 @@ def watcher(name: str) -> None:
     Watcher(settings, OrthancClient.from_settings(settings), connection, lease).run(stop)
 
 
+@main.command("ris-listener")
+def ris_listener() -> None:
+    """Receive orders from the RIS (HL7 v2 ORM^O01 and OMI^O23 over MLLP) on
+    TRIAGE_RIS_LISTEN_HOST:TRIAGE_RIS_LISTEN_PORT, until SIGTERM."""
+    import redis as redis_lib
+
+    from triage.ris.listener import serve
+
+    configure_logging("ris")
+    settings = Settings()
+    serve(settings, redis_lib.Redis.from_url(settings.redis_connection_url))
+
+
 @main.command()
 @click.option("--burst", is_flag=True, help="Exit when the queues are empty.")
 def worker(burst: bool) -> None:

@@ -83,6 +83,51 @@ class Webhook(BaseModel):
         "even when it no longer meets the rule")
 
 
+class RisSender(BaseModel):
+    """A RIS (or order placer) allowed to send orders to the MLLP listener
+    (``TRIAGE_RIS_SENDERS``). Each given value must match; an omitted one matches anything."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    host: str | None = Field(default=None, description="its IP address")
+    application: str | None = Field(
+        default=None, max_length=180, description="MSH-3 (Sending Application), first component")
+    facility: str | None = Field(
+        default=None, max_length=180, description="MSH-4 (Sending Facility), first component")
+
+    @field_validator("host")
+    @classmethod
+    def _ip(cls, value: str | None) -> str | None:
+        if value is not None:
+            ipaddress.ip_address(value)
+        return value
+
+
+class RisDestination(BaseModel):
+    """A RIS that receives each result as an HL7 v2 ORU^R01 over MLLP, preliminary."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    version: Literal["2.3", "2.5.1"] = "2.5.1"
+    send: Literal["all", "positive", "critical"] = "all"
+    receiving_application: str = Field(default="RIS", max_length=180)
+    receiving_facility: str = Field(default="", max_length=180)
+    timeout_seconds: float = Field(default=10.0, gt=0, description="Connect and ACK wait")
+
+
+class FhirDestination(BaseModel):
+    """A FHIR server that receives each result as a preliminary DiagnosticReport with one
+    Observation per finding (conditional create, or PUT on the report's id)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    base_url: str = Field(pattern=r"^https?://")
+    fhir_version: Literal["R4", "R5"] = "R4"
+    token: str | None = Field(default=None, description="Bearer token sent with each request")
+    method: Literal["conditional-create", "put"] = "conditional-create"
+    send: Literal["all", "positive", "critical"] = "all"
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Configuration of one triage stack. Field ``x`` is read from ``TRIAGE_X``."""
 
@@ -296,6 +341,32 @@ class Settings(BaseSettings):
     webhooks: list[Webhook] = Field(
         default_factory=list, description="JSON list of webhooks notified of results"
     )
+    ris_destinations: list[RisDestination] = Field(
+        default_factory=list, description="JSON list of RIS that receive each result as an "
+        "HL7 v2 ORU^R01 (preliminary) over MLLP (see README)")
+    fhir_destinations: list[FhirDestination] = Field(
+        default_factory=list, description="JSON list of FHIR servers that receive each result "
+        "as a preliminary DiagnosticReport (see README)")
+    hl7_application: str = Field(
+        default="TRIAGE", min_length=1, max_length=180,
+        description="This service in HL7 v2 messages: MSH-3 of results, MSH-5 expected of "
+        "orders when the sender fills it")
+    hl7_facility: str = Field(default="", max_length=180, description="MSH-4 of results")
+    ris_listen_host: str = Field(default="127.0.0.1", description="Address of the MLLP listener")
+    ris_listen_port: int = Field(default=2575, ge=0, le=65535)
+    ris_senders: list[RisSender] = Field(
+        default_factory=list, description="JSON list of the RIS allowed to send orders; none: "
+        "only clients presenting a certificate of TRIAGE_RIS_TLS_CA (when set)")
+    ris_tls_cert: Path | None = Field(default=None, description="MLLP over TLS: certificate")
+    ris_tls_key: Path | None = Field(default=None, description="MLLP over TLS: private key")
+    ris_tls_ca: Path | None = Field(
+        default=None, description="MLLP over TLS: clients must present a certificate signed "
+        "by this CA (then admitted as senders)")
+    ris_max_message_bytes: int = Field(
+        default=262_144, ge=1024, description="Larger messages close the connection")
+    ris_idle_seconds: float = Field(
+        default=60.0, gt=0, description="A client silent this long is disconnected")
+    ris_order_days: int = Field(default=30, ge=1, description="How long orders are kept")
     delivery_retry_seconds: list[int] = Field(
         default=[10, 30, 60, 120, 300, 600],
         description="Waits between delivery attempts; the last repeats")

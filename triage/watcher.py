@@ -37,6 +37,7 @@ from triage.orthanc import Change, OrthancClient, StudyGone, orthanc_time
 from triage.priority import ClinicalPriority, PriorityClass, clinical_priority, highest
 from triage.queues import QueueName, enqueue_analysis, enqueue_stream, job_pending
 from triage.recovery import recover_abandoned
+from triage.ris import intake
 from triage.settings import Settings
 from triage.streaming.dispatch import Batch, Dispatcher
 from triage.uids import job_id as make_job_id
@@ -371,6 +372,12 @@ class Watcher:
         clinical = clinical_priority(snapshot.first_instance, calling_aet=snapshot.calling_aet,
                                      emergency_locations=self.settings.emergency_locations,
                                      emergency_aets=self.settings.emergency_aets)
+        # The RIS's orders for the study (received before it was complete) raise the floor.
+        orders = intake.orders_for(
+            self.redis, study_uid=snapshot.study_instance_uid,
+            accession_number=snapshot.accession_number, patient_id=snapshot.patient_id,
+            issuer=str(snapshot.first_instance.get("IssuerOfPatientID") or ""))
+        clinical = intake.clinical_with_orders(clinical, orders)
         queue: QueueName | None = None
 
         def change(existing: WorklistItem | None) -> WorklistItem | None:
@@ -381,7 +388,8 @@ class Watcher:
             ):
                 return None
             queue = _queue_for(existing, clinical)
-            return self._queued_item(snapshot, job_id, clinical, existing)
+            return intake.with_orders(
+                self._queued_item(snapshot, job_id, clinical, existing), orders)
 
         self.worklist.upsert(snapshot.study_instance_uid, change, event="queued")
         if queue is None:
@@ -435,6 +443,7 @@ class Watcher:
             "accession_number": snapshot.accession_number,
             "patient_name": snapshot.patient_name,
             "patient_id": snapshot.patient_id,
+            "issuer_of_patient_id": str(snapshot.first_instance.get("IssuerOfPatientID") or ""),
             "patient_birth_date": snapshot.patient_birth_date,
             "patient_sex": snapshot.patient_sex,
             "patient_age": snapshot.patient_age,

@@ -148,6 +148,36 @@ class PreliminaryItem(BaseModel):
     raised_at: datetime
 
 
+class OrderStatus(str, Enum):
+    """Where the RIS says an order stands (HL7 v2 order control, ORC-1)."""
+
+    ACTIVE = "active"  # NW (new), XO (changed), SC (status changed) and the like
+    CANCELLED = "cancelled"  # CA, OC: cancelled before it was done
+    DISCONTINUED = "discontinued"  # DC, OD: stopped after it started
+
+
+class OrderItem(BaseModel):
+    """An order the RIS sent (HL7 v2 ORM^O01 or OMI^O23, ``triage.ris``) matched to the study:
+    by Study Instance UID, or by accession number with the same Patient ID (and issuer)."""
+
+    key: str = Field(description="The order's identity: sender and placer/filler numbers")
+    sender: str = Field(description="The configured RIS sender it came from")
+    placer_order_number: str = ""
+    filler_order_number: str = ""
+    accession_number: str = ""
+    status: OrderStatus = OrderStatus.ACTIVE
+    order_control: str = Field(default="", description="ORC-1 of the latest message")
+    priority_code: str = Field(
+        default="", description="HL7 priority as sent (S stat, A asap, R routine, ...)")
+    priority: PriorityClass = PriorityClass.ROUTINE
+    patient_class: str = Field(default="", description="PV1-2 (E emergency, I, O, ...)")
+    ordering_location: str = ""
+    clinical_question: str = ""
+    procedure: str = ""
+    received_at: datetime
+    updated_at: datetime
+
+
 class WorklistItem(BaseModel):
     """One study on the worklist, as the API returns it."""
 
@@ -156,6 +186,7 @@ class WorklistItem(BaseModel):
     accession_number: str = ""
     patient_name: str = ""
     patient_id: str = ""
+    issuer_of_patient_id: str = ""
     patient_birth_date: str = Field(default="", description="DICOM date, as the source wrote it")
     patient_sex: str = ""
     patient_age: str = Field(default="", description="Patient's Age as the modality wrote it")
@@ -189,6 +220,8 @@ class WorklistItem(BaseModel):
     preliminary: list[PreliminaryItem] = Field(
         default_factory=list, description="Findings raised on the images received so far, "
         "before the study was complete")
+    orders: list[OrderItem] = Field(
+        default_factory=list, description="The RIS orders matched to the study (HL7 v2)")
 
     @property
     def order_key(self) -> int:

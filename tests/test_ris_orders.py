@@ -1,0 +1,366 @@
+"""Orders from the RIS over real MLLP sockets: the listener process (`triage ris-listener`),
+a real Orthanc, Redis and watcher, studies sent with storescu."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import hl7
+import pytest
+from hl7.client import MLLPClient
+from rq import Queue
+
+from tests.conftest import Servers, free_port
+from tests.senders import storescu
+from tests.studies import ct_studies
+from triage.priority import PriorityClass
+from triage.ris import store
+from triage.ris.orders import OrderError, parse_message, read_orders
+from triage.servers import ManagedProcess
+from triage.watcher import Watcher
+from triage.worklist import OrderStatus, Worklist, WorklistItem
+
+pytestmark = pytest.mark.servers
+
+IDLE_SECONDS = 1.5
+MAX_BYTES = 8192
+SENDERS = '[{"name": "ris", "host": "127.0.0.1", "application": "RIS"}]'
+
+
+class Listener:
+    def __init__(self, port: int, process: ManagedProcess) -> None:
+        self.port = port
+        self.process = process
+
+    def send(self, text: str) -> hl7.Message:
+        with MLLPClient("127.0.0.1", self.port) as client:
+            client.socket.settimeout(10)
+            return hl7.parse(client.send_message(text.replace("\n", "\r")))
+
+    def connect(self, source: str = "127.0.0.1") -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10,
+                                        source_address=(source, 0))
+        return sock
+
+
+@pytest.fixture
+def listener(clean_servers: Servers, tmp_path: Path) -> Iterator[Listener]:
+    port = free_port()
+    env = {**os.environ, "TRIAGE_RIS_LISTEN_PORT": str(port), "TRIAGE_RIS_SENDERS": SENDERS,
+           "TRIAGE_RIS_IDLE_SECONDS": str(IDLE_SECONDS),
+           "TRIAGE_RIS_MAX_MESSAGE_BYTES": str(MAX_BYTES)}
+    process = ManagedProcess("ris", [sys.executable, "-m", "triage.cli", "ris-listener"],
+                             tmp_path / "ris.log", env=env)
+    process.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert process.popen is not None and process.popen.poll() is None, (
+                    (tmp_path / "ris.log").read_text())
+                assert time.monotonic() < deadline, "the listener did not start"
+                time.sleep(0.1)
+        yield Listener(port, process)
+    finally:
+        process.stop()
+
+
+def orm_v23(*, control: str = "NW", placer: str = "P100", accession: str, patient_id: str,
+            issuer: str = "", priority: str = "R", patient_class: str = "O",
+            question: str = "", control_id: str = "MSG0001", application: str = "RIS") -> str:
+    """An ORM^O01 as an IHE scheduled-workflow RIS writes it in v2.3: priority in ORC-7 and
+    OBR-27 component 6, accession in OBR-18."""
+    authority = f"^^^{issuer}" if issuer else ""
+    return "\r".join([
+        f"MSH|^~\\&|{application}|RADIOLOGY|TRIAGE|HOSPITAL|20261130101500||ORM^O01|"
+        f"{control_id}|P|2.3",
+        f"PID|1||{patient_id}{authority}||DOE^JANE||19700101|F",
+        f"PV1|1|{patient_class}|ED^BAY3",
+        f"ORC|{control}|{placer}|F{placer}||SC||^^^^^{priority}",
+        f"OBR|1|{placer}|F{placer}|CTHEAD^CT head without contrast^L|||||||||{question}|||||"
+        f"{accession}|||||||||^^^^^{priority}",
+    ])
+
+
+def omi_v251(*, control: str = "NW", placer: str = "P200", accession: str, patient_id: str,
+             study_uid: str = "", priority: str = "R", patient_class: str = "I",
+             question: str = "", control_id: str = "MSG1001") -> str:
+    """An OMI^O23 in v2.5.1: priority in TQ1-9, accession and Study Instance UID in IPC."""
+    return "\r".join([
+        f"MSH|^~\\&|RIS|RADIOLOGY|TRIAGE|HOSPITAL|20261130111500||OMI^O23^OMI_O23|"
+        f"{control_id}|P|2.5.1",
+        f"PID|1||{patient_id}^^^HOSP^MR||DOE^JOHN||19650505|M",
+        f"PV1|1|{patient_class}|WARD7^12^1",
+        f"ORC|{control}|{placer}|F{placer}||SC",
+        f"TQ1|1||||||||{priority}^Stat^HL70078",
+        "|".join(["OBR", "1", placer, f"F{placer}", "CTHEAD^CT head^L", *[""] * 26,
+                  f"^{question}"]),  # OBR-31, reason for study
+        f"IPC|{accession}|RP{placer}|{study_uid}|SPS{placer}|CT",
+    ])
+
+
+def ack_of(message: hl7.Message) -> tuple[str, str, str]:
+    def get(key: str) -> str:
+        try:
+            return str(message[key])
+        except (KeyError, IndexError):
+            return ""
+    return get("MSA.1"), get("MSA.2"), message.unescape(get("MSA.3"))
+
+
+def analysed_listing(servers: Servers, uid: str) -> WorklistItem:
+    watcher = Watcher(servers.settings, servers.orthanc, servers.redis)
+    worklist = Worklist(servers.redis)
+    servers.wait_until(lambda: watcher.poll_once() >= 0 and worklist.get(uid) is not None,
+                       timeout=30, what="the study on the worklist")
+    item = worklist.get(uid)
+    assert item is not None
+    return item
+
+
+def _study(tmp_path: Path, tag: str, **attributes: object) -> tuple[str, str, str, Path]:
+    import pydicom
+
+    [[path]] = ct_studies(tmp_path, 1, tag=tag, **attributes)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return str(ds.StudyInstanceUID), str(ds.AccessionNumber), str(ds.PatientID), path
+
+
+# -- parsing, every version -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("version", "priority_field"), [
+    ("2.3", "ORC-7"), ("2.3.1", "OBR-27"), ("2.4", "OBR-27"), ("2.5.1", "TQ1-9")])
+def test_orders_are_read_from_where_each_version_keeps_them(version: str,
+                                                            priority_field: str) -> None:
+    orc7 = "^^^^^S" if priority_field == "ORC-7" else ""
+    obr27 = "^^^^^S" if priority_field == "OBR-27" else ""
+    segments = [
+        f"MSH|^~\\&|RIS|RAD|TRIAGE|HOSP|202611301015+0100||ORM^O01|C1|P|{version}",
+        "PID|1||A1^^^HOSP_A~B2^^^HOSP_B&1.2.3&ISO||DOE^JANE",
+        "PV1|1|E|ED",
+        f"ORC|NW|P1|F1||SC||{orc7}|||||||ED^TRIAGE",
+        f"OBR|1|P1|F1|CTHEAD^CT head^L|||||||||Fall \\T\\ headache|||||ACC9|||||||||{obr27}"
+        "||||||||||||||||||CTHEAD^CT head^L",
+    ]
+    if priority_field == "TQ1-9":
+        segments.insert(4, "TQ1|1||||||||S")
+    [order] = read_orders(parse_message("\n".join(segments)), sender="ris",
+                          received_at=datetime.now(UTC))
+    assert (order.priority_code, order.accession_number, order.placer_order_number,
+            order.filler_order_number, order.patient_class, order.clinical_question,
+            order.ordering_location, order.procedure) == (
+        "S", "ACC9", "P1", "F1", "E", "Fall & headache", "ED",
+        "CT head")
+    assert [(p.id, p.issuer, p.issuer_uid) for p in order.patients] == [
+        ("A1", "HOSP_A", ""), ("B2", "HOSP_B", "1.2.3")]
+    assert order.message_time == datetime(2026, 11, 30, 9, 15, tzinfo=UTC)
+    floor = order.floor()
+    assert floor.priority is PriorityClass.URGENT
+    assert floor.reasons == ("clinical: STAT order (RIS)",
+                             "clinical: emergency patient (RIS order)")
+
+
+@pytest.mark.parametrize(("text", "answer", "reason"), [
+    ("hello", "AR", "not an HL7 v2 message"),
+    ("MSH|^~\\&|RIS|RAD|||20261130||ADT^A01|C1|P|2.5.1\rPID|1||X", "AR", "ADT^A01"),
+    ("MSH|^~\\&|RIS|RAD|||20261130||OMI^O23|C1|P|2.4\rORC|NW|1", "AR", "from HL7 v2.5"),
+    ("MSH|^~\\&|RIS|RAD|||20261130||ORM^O01||P|2.3\rORC|NW|1", "AR", "MSH-10"),
+    ("MSH|^~\\&|RIS|RAD|||20261130||ORM^O01|C1|P|2.3\rPID|1||X", "AE", "no order"),
+    ("MSH|^~\\&|RIS|RAD|||20261130||ORM^O01|C1|P|2.3\rPID|1||X\rORC|ZZ|1", "AE", "ZZ"),
+    ("MSH|^~\\&|RIS|RAD|||20261130||ORM^O01|C1|P|2.3\rPID|1||\rORC|NW|1\rOBR|1|1|2|X",
+     "AE", "neither a Study Instance UID"),
+    ("MSH|^~\\&|RIS|RAD|||20261130||OMI^O23|C1|P|2.5.1\rPID|1||X\rORC|NW|1\rIPC|A|B|1.2.x",
+     "AE", "not a valid UID"),
+])
+def test_what_an_order_message_lacks_is_named(text: str, answer: str, reason: str) -> None:
+    with pytest.raises(OrderError) as refused:
+        read_orders(parse_message(text), sender="ris", received_at=datetime.now(UTC))
+    assert refused.value.answer == answer
+    assert reason in refused.value.reason
+
+
+# -- orders and studies ----------------------------------------------------------------------
+
+def test_a_stat_order_sent_before_the_images_makes_a_routine_study_urgent_on_arrival(
+        listener: Listener, clean_servers: Servers, tmp_path: Path) -> None:
+    uid, accession, patient_id, path = _study(tmp_path, "stat")
+    ack = listener.send(orm_v23(accession=accession, patient_id=patient_id, priority="S",
+                                question="Sudden headache, anticoagulated"))
+    assert ack_of(ack) == ("AA", "MSG0001", "")
+    storescu(clean_servers.settings, [path])
+    item = analysed_listing(clean_servers, uid)
+    assert item.clinical_priority is PriorityClass.URGENT
+    assert item.priority is PriorityClass.URGENT
+    assert "clinical: STAT order (RIS)" in item.priority_reasons
+    [order] = item.orders
+    assert (order.priority_code, order.clinical_question, order.status, order.procedure) == (
+        "S", "Sudden headache, anticoagulated", OrderStatus.ACTIVE,
+        "CT head without contrast")
+    # Queued with the urgent studies, ahead of the routine ones.
+    assert item.job_id in Queue("urgent", connection=clean_servers.redis).job_ids
+
+
+def test_an_order_sent_after_the_study_raises_it_and_a_cancel_is_shown(
+        listener: Listener, clean_servers: Servers, tmp_path: Path) -> None:
+    uid, accession, patient_id, path = _study(tmp_path, "later")
+    storescu(clean_servers.settings, [path])
+    item = analysed_listing(clean_servers, uid)
+    assert item.priority is PriorityClass.ROUTINE and not item.orders
+    # OMI^O23 v2.5.1 naming the study by its UID (IPC-3): the best key.
+    ack = listener.send(omi_v251(accession=accession, patient_id=patient_id, study_uid=uid,
+                                 priority="S", patient_class="E", question="Trauma"))
+    assert ack_of(ack)[0] == "AA"
+    worklist = Worklist(clean_servers.redis)
+    item = worklist.get(uid)
+    assert item is not None
+    assert item.priority is PriorityClass.URGENT
+    assert {"clinical: STAT order (RIS)", "clinical: emergency patient (RIS order)"} <= set(
+        item.priority_reasons)
+    assert [(o.status, o.clinical_question) for o in item.orders] == [
+        (OrderStatus.ACTIVE, "Trauma")]
+    # The RIS cancels it: shown as cancelled, the study stays listed and its priority stays.
+    ack = listener.send(omi_v251(control="CA", accession=accession, patient_id=patient_id,
+                                 study_uid=uid, priority="S", patient_class="E",
+                                 question="Trauma", control_id="MSG1002"))
+    assert ack_of(ack)[0] == "AA"
+    item = worklist.get(uid)
+    assert item is not None
+    assert [(o.status, o.order_control) for o in item.orders] == [
+        (OrderStatus.CANCELLED, "CA")]
+    assert item.priority is PriorityClass.URGENT
+
+
+def test_an_order_for_the_same_accession_but_another_patient_does_not_attach(
+        listener: Listener, clean_servers: Servers, tmp_path: Path) -> None:
+    uid, accession, patient_id, path = _study(tmp_path, "other",
+                                              IssuerOfPatientID="HOSP_A")
+    # Before the study: another Patient ID, and the right ID from another issuer.
+    assert ack_of(listener.send(orm_v23(accession=accession, patient_id="someone-else",
+                                        priority="S", control_id="X1")))[0] == "AA"
+    assert ack_of(listener.send(orm_v23(accession=accession, patient_id=patient_id,
+                                        issuer="HOSP_B", priority="S", placer="P101",
+                                        control_id="X2")))[0] == "AA"
+    storescu(clean_servers.settings, [path])
+    item = analysed_listing(clean_servers, uid)
+    assert item.issuer_of_patient_id == "HOSP_A"
+    assert item.priority is PriorityClass.ROUTINE and not item.orders
+    # After it: still nothing; the same patient with the same issuer attaches.
+    assert ack_of(listener.send(orm_v23(accession=accession, patient_id="someone-else",
+                                        priority="S", placer="P102", control_id="X3")))[0] \
+        == "AA"
+    worklist = Worklist(clean_servers.redis)
+    assert worklist.get(uid).orders == []  # type: ignore[union-attr]
+    assert ack_of(listener.send(orm_v23(accession=accession, patient_id=patient_id,
+                                        issuer="HOSP_A", priority="S", placer="P103",
+                                        control_id="X4")))[0] == "AA"
+    item = worklist.get(uid)
+    assert item is not None
+    assert [o.placer_order_number for o in item.orders] == ["P103"]
+    assert item.priority is PriorityClass.URGENT
+
+
+# -- what the listener answers ---------------------------------------------------------------
+
+def _closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closed ``sock`` (reads return nothing)."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    while True:
+        try:
+            if not sock.recv(65536):
+                return time.monotonic() - started
+        except ConnectionResetError:
+            return time.monotonic() - started
+
+
+def test_bad_input_gets_its_documented_answer_while_another_client_keeps_sending(
+        listener: Listener, clean_servers: Servers) -> None:
+    sent, answers, errors = 0, [], []
+    stop = threading.Event()
+
+    def steady() -> None:  # a RIS that keeps one connection and sends valid orders
+        nonlocal sent
+        try:
+            with MLLPClient("127.0.0.1", listener.port) as client:
+                client.socket.settimeout(10)
+                while not stop.is_set():
+                    sent += 1
+                    reply = hl7.parse(client.send_message(orm_v23(
+                        accession=f"ACC-STEADY-{sent}", patient_id="steady",
+                        placer=f"S{sent}", control_id=f"S{sent}")))
+                    answers.append(ack_of(reply)[0])
+                    time.sleep(0.05)
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=steady)
+    thread.start()
+    try:
+        # A message that is not HL7, in a frame: AR, and the connection stays usable.
+        with listener.connect() as sock:
+            sock.sendall(b"\x0bGET / HTTP/1.1\r\x1c\r")
+            reply = hl7.parse(sock.recv(65536).strip(b"\x0b\x1c\r").decode())
+            assert ack_of(reply)[0] == "AR"
+            assert "not an HL7 v2 message" in ack_of(reply)[2]
+            sock.sendall(b"\x0b" + orm_v23(accession="ACC-SAME", patient_id="p",
+                                           control_id="SAME1").encode() + b"\x1c\r")
+            assert ack_of(hl7.parse(sock.recv(65536).strip(b"\x0b\x1c\r").decode()))[:2] == (
+                "AA", "SAME1")
+        # Another message type, and an application no sender has: AR with the reason.
+        adt = listener.send("MSH|^~\\&|RIS|RAD|TRIAGE||20261130||ADT^A01|ADT1|P|2.5.1\r"
+                            "PID|1||X")
+        assert ack_of(adt)[:2] == ("AR", "ADT1") and "ADT^A01" in ack_of(adt)[2]
+        stranger = listener.send(orm_v23(accession="A", patient_id="p", application="LAB",
+                                         control_id="LAB1"))
+        assert ack_of(stranger)[0] == "AR" and "not admitted" in ack_of(stranger)[2]
+        # Bytes outside a frame: closed at once.
+        with listener.connect() as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            assert _closed_within(sock, 5) < 1.0
+        # Over the size cap: closed, without reading to the end.
+        with listener.connect() as sock:
+            big = orm_v23(accession="BIG", patient_id="p", question="x" * (MAX_BYTES * 2))
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(b"\x0b" + big.encode() + b"\x1c\r")
+            assert _closed_within(sock, 5) < 2.0
+        # A frame cut by the client's end of the connection: nothing to answer.
+        with listener.connect() as sock:
+            sock.sendall(b"\x0bMSH|^~\\&|RIS|RAD|||20261130||ORM^O01|CUT1|P|2.3\rPID|1")
+            sock.shutdown(socket.SHUT_WR)
+            assert _closed_within(sock, 5) < 1.0
+        # Connected and silent, or silent inside a frame: closed after the idle time.
+        with listener.connect() as silent, listener.connect() as halfway:
+            halfway.sendall(b"\x0bMSH|^~\\&|RIS|RAD")
+            waited = _closed_within(silent, IDLE_SECONDS + 5)
+            assert IDLE_SECONDS - 0.2 <= waited <= IDLE_SECONDS + 2
+            assert _closed_within(halfway, 5) <= 2
+        # From an address no sender has: closed before reading anything.
+        with listener.connect("127.0.0.2") as sock:
+            assert _closed_within(sock, 5) < 1.0
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+    assert not errors, errors
+    assert sent >= 5 and answers and set(answers) == {"AA"}
+    rejected = store.rejected_messages(clean_servers.redis)
+    reasons = [(r.answer, r.reason) for r in rejected]
+    for expected in [("AR", "not an HL7 v2 message"), ("closed", "bytes outside an MLLP frame"),
+                     ("closed", f"message larger than {MAX_BYTES} bytes"),
+                     ("closed", "frame cut by the end of the connection"),
+                     ("closed", "address not admitted")]:
+        assert any(a == expected[0] and expected[1] in r for a, r in reasons), (expected,
+                                                                                 reasons)
+    adt_kept = next(r for r in rejected if r.control_id == "ADT1")
+    assert (adt_kept.message_type, adt_kept.sender, adt_kept.answer) == ("ADT^A01", "ris", "AR")
+    assert "PID|1||X" in adt_kept.excerpt

@@ -1,0 +1,102 @@
+"""What an order does to the worklist: its study's clinical priority floor and what the
+radiologist sees of it.
+
+An order that arrives before its study is stored and found by the watcher when the study is
+complete (``orders_for``); one that arrives later updates the study's item at once
+(``take``). Either way the order raises the clinical priority (STAT or ASAP, or an emergency
+patient: urgent) and never lowers anything: a cancelled order is shown as cancelled, and the
+priority it raised stays (the study exists and was made; a radiologist decides).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import redis
+
+from triage.logs import pseudonym
+from triage.priority import ClinicalPriority, highest
+from triage.ris import store
+from triage.ris.orders import Order, matches
+from triage.worklist import Worklist, WorklistItem
+
+log = logging.getLogger(__name__)
+
+
+def orders_for(connection: redis.Redis, *, study_uid: str, accession_number: str,
+               patient_id: str, issuer: str) -> list[Order]:
+    """The stored orders that belong to the study."""
+    return [o for o in store.candidates(connection, study_uid=study_uid,
+                                        accession_number=accession_number)
+            if matches(o, study_uid=study_uid, accession_number=accession_number,
+                       patient_id=patient_id, issuer=issuer)]
+
+
+def clinical_with_orders(clinical: ClinicalPriority, orders: Iterable[Order]
+                         ) -> ClinicalPriority:
+    """The study's clinical floor from its images, raised by its orders."""
+    floors = [o.floor() for o in orders]
+    reasons = list(clinical.reasons)
+    reasons += [r for f in floors for r in f.reasons if r not in reasons]
+    return ClinicalPriority(highest([clinical.priority, *(f.priority for f in floors)]),
+                            tuple(reasons))
+
+
+def with_orders(item: WorklistItem, orders: Iterable[Order]) -> WorklistItem:
+    """``item`` with ``orders`` shown (replacing earlier states of the same orders) and its
+    priority raised to their floor."""
+    orders = list(orders)
+    if not orders:
+        return item
+    keys = {o.key for o in orders}
+    shown = [o for o in item.orders if o.key not in keys] + [o.item() for o in orders]
+    floor = clinical_with_orders(ClinicalPriority(item.clinical_priority), orders)
+    reasons = item.priority_reasons + [r for r in floor.reasons
+                                       if r not in item.priority_reasons]
+    return item.model_copy(update={
+        "orders": sorted(shown, key=lambda o: o.received_at),
+        "clinical_priority": highest([item.clinical_priority, floor.priority]),
+        "priority": highest([item.priority, floor.priority]),
+        "priority_reasons": reasons,
+    })
+
+
+def newer(order: Order, stored: Order | None) -> bool:
+    """Whether ``order`` describes the order later than what is stored (a message resent
+    after a lost ACK, or sent out of order, never undoes a later one)."""
+    if stored is None or order.message_time is None or stored.message_time is None:
+        return True
+    return order.message_time >= stored.message_time
+
+
+def take(connection: redis.Redis, order: Order, *, days: int) -> list[str]:
+    """Store ``order`` and show it on the studies already listed that it belongs to; returns
+    their Study Instance UIDs."""
+    stored = store.load(connection, order.key)
+    if not newer(order, stored):
+        log.info("order message %s older than the order's latest: kept as it was",
+                 pseudonym(order.control_id))
+        return []
+    if stored is not None:
+        order = order.model_copy(update={"received_at": stored.received_at})
+    store.save(connection, order, days=days)
+    worklist = Worklist(connection)
+    found: list[WorklistItem] = []
+    if order.study_uid:
+        item = worklist.get(order.study_uid)
+        found += [item] if item is not None else []
+    elif order.accession_number:
+        found += worklist.with_facet(f"accession:{order.accession_number}")
+    updated = []
+    for item in found:
+        if not matches(order, study_uid=item.study_instance_uid,
+                       accession_number=item.accession_number, patient_id=item.patient_id,
+                       issuer=item.issuer_of_patient_id):
+            continue
+        worklist.update(item.study_instance_uid,
+                        lambda current: with_orders(current, [order]), event="order")
+        updated.append(item.study_instance_uid)
+        log.info("study %s: order %s (%s) shown", pseudonym(item.study_instance_uid),
+                 order.control, order.status.value)
+    return updated
