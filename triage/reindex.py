@@ -58,6 +58,7 @@ from triage.manifest import OutputLabel
 from triage.orthanc import OrthancClient, StudyGone
 from triage.priority import ClinicalPriority, clinical_priority, highest
 from triage.registry import ModelPackage, ModelRegistry
+from triage.ris import intake
 from triage.settings import Settings
 from triage.uids import job_id as make_job_id
 from triage.uids import sr_instance_uid
@@ -206,7 +207,8 @@ def _reindex_study(watcher: Watcher, registry: ModelRegistry, study_id: str, las
     if read.sop_instance_uid != str(current_uid):
         # The SR reports on another set of instances: keep its findings, analyse again.
         rebuilt = analysed_item(snapshot, read, registry, clinical, job_id="", inputs="")
-        rebuilt = rebuilt.model_copy(update={"feedback": feedback})
+        rebuilt = _with_orders(watcher, snapshot, rebuilt.model_copy(
+            update={"feedback": feedback}))
         watcher.worklist.upsert(snapshot.study_instance_uid,
                                 lambda existing: rebuilt if existing is None else None,
                                 event="rebuilt")
@@ -217,7 +219,7 @@ def _reindex_study(watcher: Watcher, registry: ModelRegistry, study_id: str, las
     job_id = make_job_id(snapshot.study_instance_uid, snapshot.inputs)
     rebuilt = analysed_item(snapshot, read, registry, clinical, job_id=job_id,
                             inputs=snapshot.inputs)
-    rebuilt = rebuilt.model_copy(update={"feedback": feedback})
+    rebuilt = _with_orders(watcher, snapshot, rebuilt.model_copy(update={"feedback": feedback}))
     stored = watcher.worklist.upsert(snapshot.study_instance_uid,
                                      lambda existing: _merge(existing, rebuilt),
                                      event="rebuilt")
@@ -226,6 +228,15 @@ def _reindex_study(watcher: Watcher, registry: ModelRegistry, study_id: str, las
     else:
         report.analysed_from_sr += 1
         log.info("study %s rebuilt from its SR", pseudonym(snapshot.study_instance_uid))
+
+
+def _with_orders(watcher: Watcher, snapshot: StudySnapshot, item: WorklistItem
+                 ) -> WorklistItem:
+    """``item`` with the RIS orders still kept for the study (and the floor they give)."""
+    return intake.with_orders(item, intake.orders_for(
+        watcher.redis, study_uid=snapshot.study_instance_uid,
+        accession_number=snapshot.accession_number, patient_id=snapshot.patient_id,
+        issuer=str(snapshot.first_instance.get("IssuerOfPatientID") or "")))
 
 
 def _count_queued(report: ReindexReport, queued: bool) -> None:
@@ -254,6 +265,7 @@ def _merge(existing: WorklistItem | None, rebuilt: WorklistItem) -> WorklistItem
         "claimed_by": existing.claimed_by, "claim_expires_at": existing.claim_expires_at,
         "read_by": existing.read_by, "read_at": existing.read_at,
         "feedback": existing.feedback,
+        "orders": rebuilt.orders or existing.orders,
     })
 
 
