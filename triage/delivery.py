@@ -61,11 +61,15 @@ def schedule(connection: redis.Redis, settings: Settings, item: WorklistItem) ->
     told = {d.target for d in item.deliveries if d.kind == PRELIMINARY}
     targets += [("webhook", w.name, "triage.delivery.deliver_webhook")
                 for w in settings.webhooks if _wanted(w.on, item) or w.name in told]
+    targets += [("hl7", d.name, "triage.ris.results.deliver_hl7")
+                for d in settings.ris_destinations if _wanted(d.send, item)]
+    targets += [("fhir", d.name, "triage.ris.fhir.deliver_fhir")
+                for d in settings.fhir_destinations if _wanted(d.send, item)]
     queue = Queue(QueueName.URGENT.value if item.priority is not PriorityClass.ROUTINE
                   else QueueName.DEFAULT.value, connection=connection)
     scheduled = []
     for kind, target, function in targets:
-        if _state(item, target, sr_uid) is not None:
+        if _state(item, target, sr_uid, kind) is not None:
             continue  # already planned or done for this result
         _set_state(connection, item.study_instance_uid, target, sr_uid,
                    lambda d: d, kind=kind)
@@ -147,32 +151,38 @@ def _enqueue(queue: Queue, settings: Settings, function: str, args: tuple[str, .
                          description=description).id
 
 
-def _state(item: WorklistItem, target: str, sr_uid: str) -> DeliveryItem | None:
+def _state(item: WorklistItem, target: str, sr_uid: str, kind: str | None = None
+           ) -> DeliveryItem | None:
+    """The delivery of ``sr_uid`` to ``target`` (of ``kind``: names are unique per kind
+    only; ``None`` matches any kind)."""
     for delivery in item.deliveries:
-        if delivery.target == target and delivery.sr_sop_instance_uid == sr_uid:
+        if (delivery.target == target and delivery.sr_sop_instance_uid == sr_uid
+                and kind in (None, delivery.kind)):
             return delivery
     return None
 
 
 def _set_state(connection: redis.Redis, study_uid: str, target: str, sr_uid: str,
-               change: Callable[[DeliveryItem], DeliveryItem], *, kind: str = "dicom"
+               change: Callable[[DeliveryItem], DeliveryItem], *, kind: str | None = None
                ) -> None:
     def update(item: WorklistItem) -> WorklistItem:
-        current = _state(item, target, sr_uid) or DeliveryItem(
-            target=target, kind=kind, sr_sop_instance_uid=sr_uid)
+        current = _state(item, target, sr_uid, kind) or DeliveryItem(
+            target=target, kind=kind or "dicom", sr_sop_instance_uid=sr_uid)
         others = [d for d in item.deliveries if d is not current]
         return item.model_copy(update={"deliveries": [*others, change(current)]})
 
     Worklist(connection).update(study_uid, update, event="delivery")
 
 
-def _attempt(study_uid: str, sr_uid: str, target: str, send: Callable[[], None]) -> str:
-    """Run one delivery attempt and record its outcome on the worklist item."""
+def _attempt(study_uid: str, sr_uid: str, target: str, send: Callable[[], None], *,
+             kind: str | None = None) -> str:
+    """Run one delivery attempt to ``target`` of ``kind`` and record its outcome on the
+    worklist item."""
     from triage.jobs import context
 
     ctx = context()
     item = ctx.worklist.get(study_uid)
-    state = _state(item, target, sr_uid) if item else None
+    state = _state(item, target, sr_uid, kind) if item else None
     if state is not None and state.status is DeliveryStatus.DELIVERED:
         return "already delivered"
     try:
@@ -183,14 +193,14 @@ def _attempt(study_uid: str, sr_uid: str, target: str, send: Callable[[], None])
         status = DeliveryStatus.FAILED if final else DeliveryStatus.PENDING
         error = str(exc)
         _set_state(ctx.redis, study_uid, target, sr_uid, lambda d: d.model_copy(update={
-            "status": status, "attempts": d.attempts + 1, "last_error": error}))
+            "status": status, "attempts": d.attempts + 1, "last_error": error}), kind=kind)
         log.warning("study %s: delivery to %s failed (%s)", pseudonym(study_uid), target, exc)
         if isinstance(exc, PermanentError) and job is not None:
             job.retries_left = 0
         raise
     _set_state(ctx.redis, study_uid, target, sr_uid, lambda d: d.model_copy(update={
         "status": DeliveryStatus.DELIVERED, "attempts": d.attempts + 1, "last_error": "",
-        "delivered_at": utcnow()}))
+        "delivered_at": utcnow()}), kind=kind)
     log.info("study %s: result delivered to %s", pseudonym(study_uid), target)
     return "delivered"
 
@@ -213,7 +223,7 @@ def deliver_dicom(study_uid: str, sr_uid: str, destination_name: str) -> str:
                                       destination.port)
         ctx.orthanc.send(destination.name, ids)
 
-    return _attempt(study_uid, sr_uid, destination_name, send)
+    return _attempt(study_uid, sr_uid, destination_name, send, kind="dicom")
 
 
 def _key_image_ids(ctx: Any, study_uid: str, sr_uid: str) -> list[str]:
@@ -242,7 +252,8 @@ def _tell(study_uid: str, sr_uid: str, webhook_name: str,
             raise PermanentError("study no longer on the worklist")
         _post(webhook, message(ctx.settings, item))
 
-    return _attempt(study_uid, sr_uid, webhook_name, send)
+    return _attempt(study_uid, sr_uid, webhook_name, send,
+                    kind="webhook" if sr_uid else PRELIMINARY)
 
 
 def _post(webhook: Webhook, message: dict[str, Any]) -> None:
@@ -319,7 +330,8 @@ def retry_failed(connection: redis.Redis) -> list[str]:
                 queue.failed_job_registry.requeue(job_id)
                 _set_state(connection, item.study_instance_uid, failed.target,
                            failed.sr_sop_instance_uid,
-                           lambda d: d.model_copy(update={"status": DeliveryStatus.PENDING}))
+                           lambda d: d.model_copy(update={"status": DeliveryStatus.PENDING}),
+                           kind=failed.kind)
                 retried.append(job_id)
                 break
     return retried
