@@ -99,7 +99,8 @@ class DeliveryItem(BaseModel):
     """Where one result went: a DICOM destination or a webhook, and how it went."""
 
     target: str
-    kind: str = Field(description="dicom, webhook, webhook-preliminary, hl7 (ORU^R01 to a RIS) or fhir")
+    kind: str = Field(description="dicom, webhook, webhook-preliminary, hl7 (ORU^R01 to a "
+                      "RIS) or fhir")
     sr_sop_instance_uid: str
     status: DeliveryStatus = DeliveryStatus.PENDING
     attempts: int = 0

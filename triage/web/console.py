@@ -25,6 +25,7 @@ from triage.api.deps import audit
 from triage.api.routes.admin import get_models
 from triage.audit import AuditAction, verify
 from triage.delivery import retry_failed, undelivered
+from triage.ris.store import REJECTED_KEEP, rejected_messages
 from triage.tokens import (
     DEFAULT_TOKEN_DAYS,
     Role,
@@ -56,6 +57,16 @@ async def vigilance(request: Request) -> Response:
     by the page's script from the ``/api/v1/admin/vigilance`` routes, with the session."""
     await page_user(request, ADMINS)
     return page(request, "vigilance.html", **vigilance_context(request))
+
+
+@router.get("/admin/ris")
+async def rejected_hl7(request: Request, limit: str = "100") -> Response:
+    """HL7 v2 messages from the RIS that the listener did not accept, newest first (a
+    mangled ``limit`` shows the latest 100, never an error page)."""
+    await page_user(request, ADMINS)
+    shown = min(max(int(limit), 1), REJECTED_KEEP) if limit.strip().isdigit() else 100
+    messages = await run_in_threadpool(rejected_messages, request.app.state.redis, shown)
+    return page(request, "admin_ris.html", messages=messages, limit=shown)
 
 
 def _panel_context(request: Request, name: str, state: str) -> dict[str, Any]:

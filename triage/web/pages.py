@@ -172,7 +172,7 @@ def row_version(item: WorklistItem, now: datetime) -> str:
                                          "priority_reasons", "findings", "claimed_by",
                                          "read_at", "patient_name", "patient_id",
                                          "study_description", "accession_number",
-                                         "arriving"})
+                                         "arriving", "orders"})
     return hashlib.sha256(f"{text}{claim_active}".encode()).hexdigest()[:16]
 
 

@@ -20,6 +20,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from triage.web.ris import order_ended, order_priority, patient_class, row_order
 from triage.worklist import utcnow
 
 router = APIRouter(include_in_schema=False)
@@ -115,7 +116,10 @@ def path_part(value: str) -> str:
 
 TEMPLATES.filters.update(person_name=person_name, display_date=display_date,
                          path_part=path_part)
-TEMPLATES.globals.update(patient_age=patient_age, waited=waited, finding_key=finding_key)
+TEMPLATES.globals.update(patient_age=patient_age, waited=waited, finding_key=finding_key,
+                         row_order=row_order)
+TEMPLATES.filters.update(order_priority=order_priority, patient_class=patient_class,
+                         order_ended=order_ended)
 
 
 @router.get("/static/vendor/{name}")

@@ -28,6 +28,7 @@ from triage.audit import AuditAction, Verification, export, verify
 from triage.delivery import retry_failed, undelivered
 from triage.metrics import ChartWindow, charts
 from triage.registry import ModelRegistry
+from triage.ris.store import RejectedMessage, rejected_messages
 from triage.tokens import (
     DEFAULT_TOKEN_DAYS,
     Role,
@@ -212,6 +213,16 @@ def retry_deliveries(request: Request, admin: AdminDep, connection: RedisDep) ->
     retried = retry_failed(connection)
     audit(request, admin, AuditAction.JOB_REQUEUED, details={"deliveries": retried})
     return Requeued(requeued=retried)
+
+
+@router.get("/ris/rejected", response_model=list[RejectedMessage])
+def get_rejected_hl7(_admin: AdminDep, connection: RedisDep,
+                     limit: Annotated[int, Query(ge=1, le=1000)] = 100
+                     ) -> list[RejectedMessage]:
+    """HL7 v2 messages from the RIS that the MLLP listener did not accept, newest first (at
+    most ``limit``): why, the answer the sender got (AR, AE, or the connection closed), and
+    the start of the message as received (it holds patient data)."""
+    return rejected_messages(connection, limit)
 
 
 class Percentiles(BaseModel):

@@ -7,7 +7,7 @@
   const body = document.body;
   const csrf = body.dataset.csrf || "";
   const EVENTS = ["queued", "updated", "status", "priority", "analysed", "claim", "read",
-                  "feedback", "delivery", "rebuilt", "preliminary", "arriving"];
+                  "feedback", "delivery", "rebuilt", "preliminary", "arriving", "order"];
 
   // htmx remembers the page's path (which names a study) in sessionStorage for its history
   // support, which these pages do not use: nothing of it is kept.
