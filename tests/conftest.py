@@ -54,6 +54,7 @@ def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
         "TRIAGE_REDIS_PORT": str(free_port()),
         "TRIAGE_POSTGRES_PORT": str(free_port()),
         "TRIAGE_API_PORT": str(free_port()),
+        "TRIAGE_RIS_LISTEN_PORT": str(free_port()),
         "TRIAGE_STABLE_AGE": str(STABLE_AGE),
         "TRIAGE_WATCHER_POLL_SECONDS": "0.2",
         **extra,

@@ -30,7 +30,7 @@ PYPROJECT = ROOT / "pyproject.toml"
 DOCKERIGNORE = ROOT / ".dockerignore"
 ENV_EXAMPLE = ROOT / "deploy" / "env.example"
 
-APP_SERVICES = ("api", "worker", "watcher")
+APP_SERVICES = ("api", "worker", "watcher", "ris-listener")
 # The images the repository builds (deploy/build-images.sh), by service, with the uid and gid
 # their Dockerfile gives the service user (the Kubernetes manifests use the same ids).
 PROJECT_IMAGES = {
@@ -43,7 +43,8 @@ PROJECT_IMAGES = {
 }
 # Variables of .env that are no setting of the service: they configure other containers.
 DEPLOYMENT_VARIABLES = {"TRIAGE_POSTGRES_PASSWORD", "TRIAGE_DATABASE_PASSWORD",
-                        "TRIAGE_DICOM_PORT", "TRIAGE_HTTPS_PORT", "TRIAGE_CERTS_DIR"}
+                        "TRIAGE_DICOM_PORT", "TRIAGE_HTTPS_PORT", "TRIAGE_MLLP_PORT",
+                        "TRIAGE_CERTS_DIR"}
 
 # What a hospital writes in .env (token_urlsafe: the form deploy/env.example asks for).
 EXAMPLE_ENV = {
@@ -217,6 +218,19 @@ def test_api_publishes_its_port(services: dict[str, Any]) -> None:
         assert env[key].startswith(directory + "/"), key
     # Settings accept the pair (both or neither) when the files exist.
     assert {"api_tls_cert", "api_tls_key"} <= set(Settings.model_fields)
+
+
+def test_ris_listener_publishes_the_mllp_port_and_beats(services: dict[str, Any]) -> None:
+    ris = services["ris-listener"]
+    env = environment(ris)
+    assert ris["command"] == ["triage", "ris-listener"]
+    assert env["TRIAGE_RIS_LISTEN_HOST"] == "0.0.0.0"
+    assert [(host, container) for _ip, host, container in container_ports(ris)] == [
+        (2575, int(env["TRIAGE_RIS_LISTEN_PORT"]))]
+    assert "heartbeat_key" in " ".join(ris["healthcheck"]["test"])
+    # Unset TLS variables reach the listener as empty strings: no TLS, not a path.
+    settings = Settings(ris_tls_cert="", ris_tls_key="", ris_tls_ca="")
+    assert (settings.ris_tls_cert, settings.ris_tls_key, settings.ris_tls_ca) == (None,) * 3
 
 
 def test_orthanc_url_matches_orthanc_service(raw: dict[str, Any],

@@ -130,7 +130,7 @@ def test_up_runs_samples_stops_cleanly_and_resumes(tmp_path: Path) -> None:
         assert other.get("/healthz").json()["status"] == "ok"
         pids = first.pids()
         assert set(pids) == {"orthanc", "redis", "postgres", "watcher-1", "watcher-2", "worker-1",
-                             "api"}
+                             "ris-listener", "api"}
     finally:
         codes = (first.stop(), other.stop())
     assert codes == (0, 0)

@@ -89,6 +89,8 @@ def _announce(settings: Settings, token: str) -> None:
         f"{settings.orthanc_dicom_port} FILES...\n"
         f"  Orthanc:        {settings.orthanc_base_url} (user {settings.orthanc_username}, "
         f"password in {settings.data_dir / 'secrets.json'})\n"
+        f"  RIS orders:     MLLP {settings.ris_listen_host}:{settings.ris_listen_port} "
+        f"({len(settings.ris_senders) or 'no'} senders admitted: TRIAGE_RIS_SENDERS)\n"
         "Press Ctrl-C to stop.\n",
     )
 

@@ -110,8 +110,9 @@ class RisDestination(BaseModel):
     port: int = Field(ge=1, le=65535)
     version: Literal["2.3", "2.5.1"] = "2.5.1"
     send: Literal["all", "positive", "critical"] = "all"
-    receiving_application: str = Field(default="RIS", max_length=180)
-    receiving_facility: str = Field(default="", max_length=180)
+    # HD-1 (IS) of MSH-5 and MSH-6: at most 20 characters.
+    receiving_application: str = Field(default="RIS", max_length=20)
+    receiving_facility: str = Field(default="", max_length=20)
     timeout_seconds: float = Field(default=10.0, gt=0, description="Connect and ACK wait")
 
 
@@ -348,10 +349,10 @@ class Settings(BaseSettings):
         default_factory=list, description="JSON list of FHIR servers that receive each result "
         "as a preliminary DiagnosticReport (see README)")
     hl7_application: str = Field(
-        default="TRIAGE", min_length=1, max_length=180,
+        default="TRIAGE", min_length=1, max_length=20,
         description="This service in HL7 v2 messages: MSH-3 of results, MSH-5 expected of "
         "orders when the sender fills it")
-    hl7_facility: str = Field(default="", max_length=180, description="MSH-4 of results")
+    hl7_facility: str = Field(default="", max_length=20, description="MSH-4 of results")
     ris_listen_host: str = Field(default="127.0.0.1", description="Address of the MLLP listener")
     ris_listen_port: int = Field(default=2575, ge=0, le=65535)
     ris_senders: list[RisSender] = Field(
@@ -380,6 +381,12 @@ class Settings(BaseSettings):
     development: bool = Field(
         default=True, description="Allows generated secrets; hospitals set it to false"
     )
+
+    @field_validator("ris_tls_cert", "ris_tls_key", "ris_tls_ca", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        # Compose passes an unset variable as an empty string.
+        return None if value == "" else value
 
     @field_validator("data_dir", "models_dir", "web_assets_dir")
     @classmethod

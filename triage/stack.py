@@ -86,6 +86,9 @@ class Stack:
         for n in range(1, self.n_workers + 1):
             self.apps.append(ManagedProcess(f"worker-{n}", _triage("worker"),
                                             logs / f"worker-{n}.log"))
+        # Orders from the RIS (HL7 v2 over MLLP); it admits only TRIAGE_RIS_SENDERS.
+        self.apps.append(ManagedProcess("ris-listener", _triage("ris-listener"),
+                                        logs / "ris-listener.log"))
         api = ManagedProcess("api", _triage("api"), logs / "api.log")
         self.apps.append(api)
         for process in self.apps:
@@ -100,6 +103,7 @@ class Stack:
             "orthanc_url": self.settings.orthanc_base_url,
             "orthanc_dicom_port": self.settings.orthanc_dicom_port,
             "api_url": self.settings.api_base_url,
+            "mllp": f"{self.settings.ris_listen_host}:{self.settings.ris_listen_port}",
         }
         (self.settings.data_dir / STACK_FILE).write_text(json.dumps(info, indent=2))
 

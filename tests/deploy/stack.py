@@ -154,7 +154,7 @@ class Stack:
 
     def wait_healthy(self, *, workers: int, timeout: float = 300) -> None:
         expected = {"postgres": 1, "orthanc": 1, "redis": 1, "api": 1, "watcher": 2,
-                    "worker": workers}
+                    "worker": workers, "ris-listener": 1}
 
         def all_healthy() -> bool:
             for service, count in expected.items():

@@ -55,6 +55,7 @@ LEASE_SECONDS = 10  # TRIAGE_WATCHER_LEASE_SECONDS's default: what compose runs
 AET = "TRIAGE"
 # The senders of the allow-list; the test sends as TESTSCU from this host's address.
 LISTED, ELSEWHERE = "TESTSCU", "ELSEWHERE"
+RIS_APPLICATION = "DEPLOYRIS"
 TLS_CERTS = {"TRIAGE_DICOM_TLS_CERT": "/run/triage/certs/dicom.crt",
              "TRIAGE_DICOM_TLS_KEY": "/run/triage/certs/dicom.key",
              "TRIAGE_DICOM_TLS_TRUSTED": "/run/triage/certs/dicom-trusted.crt"}
@@ -82,6 +83,7 @@ class Site:
     host: str
     dicom_port: int
     https_port: int
+    mllp_port: int = 0
     token: str = ""
     sent: int = 0
     # Every stack started, so that teardown stops each one and its healthcheck loop.
@@ -198,7 +200,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     (directory / "studies").mkdir()
     certs, pki = _certificates(directory)
     host = host_address()
-    dicom_port, https_port = free_port(), free_port()
+    dicom_port, https_port, mllp_port = free_port(), free_port(), free_port()
     env = {
         "TRIAGE_ORTHANC_PASSWORD": secrets.token_urlsafe(32),
         "TRIAGE_REDIS_PASSWORD": secrets.token_urlsafe(32),
@@ -208,6 +210,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         "TRIAGE_CERTS_DIR": str(certs),
         "TRIAGE_DICOM_PORT": str(dicom_port),
         "TRIAGE_HTTPS_PORT": str(https_port),
+        "TRIAGE_MLLP_PORT": str(mllp_port),
+        # Orders from the RIS named by its MSH-3 (behind the published port, the listener
+        # may see the bridge's address rather than the sender's).
+        "TRIAGE_RIS_SENDERS": json.dumps([{"name": "ris", "application": RIS_APPLICATION}]),
         "TRIAGE_PUBLIC_URL": f"https://localhost:{https_port}",
         "TRIAGE_STABLE_AGE": str(STABLE_AGE),
         # Behind rootful podman's (and Docker's) port forwarding, Orthanc sees a remote
@@ -221,7 +227,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     engine = Engine(directory)
     engine.start()
     stack = Stack(engine, PROJECT, env_file)
-    running = Site(directory, engine, stack, env, pki, host, dicom_port, https_port)
+    running = Site(directory, engine, stack, env, pki, host, dicom_port, https_port,
+                   mllp_port)
     try:
         started = time.monotonic()
         stack.up(workers=3)
@@ -249,8 +256,9 @@ def test_every_service_is_healthy_non_root_and_only_dicom_and_https_published(
         site: Site) -> None:
     stack = site.stack
     expected_users = {"postgres": "10102", "orthanc": "10101", "redis": "10103",
-                      "api": "10001", "worker": "10001", "watcher": "10001"}
-    published = {"orthanc": {4242}, "api": {8443}}
+                      "api": "10001", "worker": "10001", "watcher": "10001",
+                      "ris-listener": "10001"}
+    published = {"orthanc": {4242}, "api": {8443}, "ris-listener": {2575}}
     for service, uid in expected_users.items():
         containers = stack.containers(service)
         assert containers, service
@@ -274,6 +282,37 @@ def test_studies_sent_with_storescu_are_analysed_with_index_in_postgresql(site: 
     # workers' outbox after each study).
     wait_until(lambda: set(_recorded(site.stack)) >= set(uids), timeout=60,
                what="the analyses recorded in PostgreSQL")
+
+
+def test_a_stat_order_from_the_ris_makes_a_routine_study_urgent(site: Site) -> None:
+    """The RIS sends the order (HL7 v2.3 ORM^O01 over MLLP to the published port) before the
+    modality sends the images."""
+    import pydicom
+    from hl7.client import MLLPClient
+
+    studies = site.studies(1, "ordered")
+    ds = pydicom.dcmread(studies[0][0], stop_before_pixels=True)
+    order = "\r".join([
+        f"MSH|^~\\&|{RIS_APPLICATION}|RADIOLOGY|TRIAGE|HOSPITAL|20261130101500||ORM^O01|"
+        "DEPLOY1|P|2.3",
+        f"PID|1||{ds.PatientID}||{ds.PatientName}",
+        "PV1|1|O|CLINIC",
+        "ORC|NW|DP1|DF1||SC||^^^^^S",
+        "|".join(["OBR", "1", "DP1", "DF1", "CTHEAD^CT head^L", *[""] * 13,
+                  str(ds.AccessionNumber)]),
+    ])
+    with MLLPClient(site.host, site.mllp_port) as client:
+        client.socket.settimeout(30)
+        ack = client.send_message(order)
+    assert "MSA|AA|DEPLOY1" in ack, ack
+    [uid] = site.send_ok(studies)
+    site.wait_analysed([uid])
+    response = site.api(f"/api/v1/studies/{uid}")
+    assert response.status_code == 200, response.text
+    item = response.json()
+    assert item["clinical_priority"] == "urgent"
+    assert "clinical: STAT order (RIS)" in item["priority_reasons"]
+    assert [o["placer_order_number"] for o in item["orders"]] == ["DP1"]
 
 
 def _recorded(stack: Stack) -> list[str]:

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -271,6 +272,27 @@ class Listener:
             await asyncio.wait_for(writer.drain(), WRITE_SECONDS)
 
 
+HEARTBEAT_SECONDS = 10
+HEARTBEAT_KEY = f"{store.PREFIX}:listener"
+
+
+def heartbeat_key(host: str) -> str:
+    """Set while the listener of ``host`` (its host name) runs: its health check."""
+    return f"{HEARTBEAT_KEY}:{host}"
+
+
+async def _heartbeat(connection: redis.Redis, stop: asyncio.Event) -> None:
+    key = heartbeat_key(socket.gethostname())
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(connection.set, key, _now().isoformat(),
+                                    ex=3 * HEARTBEAT_SECONDS)
+        except redis.RedisError as error:
+            log.warning("listener heartbeat not written (%s)", type(error).__name__)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), HEARTBEAT_SECONDS)
+
+
 def serve(settings: Settings, connection: redis.Redis,
           ready: Callable[[int], None] | None = None) -> None:
     """Run the listener until SIGTERM or SIGINT."""
@@ -287,7 +309,9 @@ def serve(settings: Settings, connection: redis.Redis,
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        beating = asyncio.create_task(_heartbeat(connection, stop))
         async with server:
             await stop.wait()
+        await beating
 
     asyncio.run(main())
