@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ from rq import Queue
 from tests.conftest import Servers, free_port
 from tests.senders import storescu
 from tests.studies import ct_studies
+from tests.test_dicom_security import make_pki
 from triage.priority import PriorityClass
 from triage.ris import store
 from triage.ris.orders import OrderError, parse_message, read_orders
@@ -53,10 +55,16 @@ class Listener:
 
 @pytest.fixture
 def listener(clean_servers: Servers, tmp_path: Path) -> Iterator[Listener]:
+    with _listener(tmp_path, {"TRIAGE_RIS_SENDERS": SENDERS}) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def _listener(tmp_path: Path, settings: dict[str, str]) -> Iterator[Listener]:
     port = free_port()
-    env = {**os.environ, "TRIAGE_RIS_LISTEN_PORT": str(port), "TRIAGE_RIS_SENDERS": SENDERS,
+    env = {**os.environ, "TRIAGE_RIS_LISTEN_PORT": str(port),
            "TRIAGE_RIS_IDLE_SECONDS": str(IDLE_SECONDS),
-           "TRIAGE_RIS_MAX_MESSAGE_BYTES": str(MAX_BYTES)}
+           "TRIAGE_RIS_MAX_MESSAGE_BYTES": str(MAX_BYTES), **settings}
     process = ManagedProcess("ris", [sys.executable, "-m", "triage.cli", "ris-listener"],
                              tmp_path / "ris.log", env=env)
     process.start()
@@ -364,3 +372,42 @@ def test_bad_input_gets_its_documented_answer_while_another_client_keeps_sending
     adt_kept = next(r for r in rejected if r.control_id == "ADT1")
     assert (adt_kept.message_type, adt_kept.sender, adt_kept.answer) == ("ADT^A01", "ris", "AR")
     assert "PID|1||X" in adt_kept.excerpt
+
+
+def test_over_tls_only_clients_with_a_certificate_of_the_hospital_ca_are_admitted(
+        clean_servers: Servers, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    key, cert = pki.server
+    tls = {"TRIAGE_RIS_TLS_CERT": str(cert), "TRIAGE_RIS_TLS_KEY": str(key),
+           "TRIAGE_RIS_TLS_CA": str(pki.ca)}
+
+    def context(client: tuple[Path, Path] | None) -> ssl.SSLContext:
+        made = ssl.create_default_context(cafile=str(pki.ca))
+        made.check_hostname = False  # the test certificate names no host
+        if client is not None:
+            made.load_cert_chain(client[1], client[0])
+        return made
+
+    with _listener(tmp_path, tls) as listening:
+        order = orm_v23(accession="ACC-TLS", patient_id="tls-1", control_id="TLS1")
+        with socket.create_connection(("127.0.0.1", listening.port), timeout=10) as raw, \
+                context(pki.client).wrap_socket(raw) as sock:
+            sock.sendall(b"\x0b" + order.encode() + b"\x1c\r")
+            reply = hl7.parse(sock.recv(65536).strip(b"\x0b\x1c\r").decode())
+            assert ack_of(reply)[:2] == ("AA", "TLS1")
+        # No certificate, or one from another CA: the handshake fails.
+        for client in (None, pki.rogue):
+            with socket.create_connection(("127.0.0.1", listening.port), timeout=10) as raw, \
+                    pytest.raises((ssl.SSLError, ConnectionError)), \
+                    context(client).wrap_socket(raw) as sock:
+                sock.sendall(b"\x0b" + order.encode() + b"\x1c\r")
+                if not sock.recv(65536):
+                    raise ConnectionError("closed")
+        # Plain MLLP to the TLS port: no answer.
+        with socket.create_connection(("127.0.0.1", listening.port), timeout=10) as sock:
+            sock.sendall(b"\x0b" + order.encode() + b"\x1c\r")
+            sock.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                assert not sock.recv(65536)
+    [stored] = store.candidates(clean_servers.redis, study_uid="", accession_number="ACC-TLS")
+    assert stored.sender == "tls:modality"
