@@ -170,6 +170,7 @@ def test_orders_are_read_from_where_each_version_keeps_them(version: str,
             order.ordering_location, order.procedure) == (
         "S", "ACC9", "P1", "F1", "E", "Fall & headache", "ED",
         "CT head")
+    assert (order.procedure_code, order.procedure_coding_system) == ("CTHEAD", "L")
     assert [(p.id, p.issuer, p.issuer_uid) for p in order.patients] == [
         ("A1", "HOSP_A", ""), ("B2", "HOSP_B", "1.2.3")]
     assert order.message_time == datetime(2026, 11, 30, 9, 15, tzinfo=UTC)

@@ -128,7 +128,8 @@ def result_item(n: int, *, positive: bool = True, name: str = "DOE^JANE",
         sr_sop_instance_uid=f"1.2.826.0.1.3680043.10.511.{n}.9.1",
         orders=[OrderItem(key=f"ris:{n}", sender="ris", placer_order_number=f"PL{n}",
                           filler_order_number=f"FI{n}", accession_number=f"ACC{n}",
-                          procedure="CT head without contrast", received_at=now,
+                          procedure="CT head without contrast", procedure_code="CTHEAD",
+                          procedure_coding_system="L", received_at=now,
                           updated_at=now)])
 
 
@@ -239,7 +240,8 @@ def test_each_message_validates_strictly_and_carries_the_result(
             "RE", order.placer_order_number, order.filler_order_number)
         assert (message["OBR.F2"], message["OBR.F3"]) == (
             order.placer_order_number, order.filler_order_number)
-        assert message["OBR.F4.R1.C2"] == order.procedure
+        assert (message["OBR.F4.R1.C1"], message["OBR.F4.R1.C2"], message["OBR.F4.R1.C3"]) == (
+            order.procedure_code, order.procedure, order.procedure_coding_system)
         assert (message["OBR.F18"], message["OBR.F25"]) == (item.accession_number, "P")
         count = len(message.segments("OBX"))
         values = {message[f"OBX{n}.F3.R1.C1"]: n for n in range(1, count + 1)}

@@ -175,6 +175,8 @@ class OrderItem(BaseModel):
     ordering_location: str = ""
     clinical_question: str = ""
     procedure: str = ""
+    procedure_code: str = Field(default="", description="OBR-4 identifier, as ordered")
+    procedure_coding_system: str = Field(default="", description="OBR-4 name of coding system")
     received_at: datetime
     updated_at: datetime
 

@@ -92,6 +92,8 @@ class Order(BaseModel):
     ordering_location: str = ""
     clinical_question: str = ""
     procedure: str = ""
+    procedure_code: str = ""
+    procedure_coding_system: str = ""
     received_at: datetime
     updated_at: datetime
 
@@ -117,6 +119,8 @@ class Order(BaseModel):
             priority=self.floor().priority, patient_class=self.patient_class,
             ordering_location=self.ordering_location,
             clinical_question=self.clinical_question, procedure=self.procedure,
+            procedure_code=self.procedure_code,
+            procedure_coding_system=self.procedure_coding_system,
             received_at=self.received_at, updated_at=self.updated_at)
 
 
@@ -303,8 +307,11 @@ def _order(reader: _Reader, group: dict[str, hl7.Segment], zds: hl7.Segment | No
                                "an accession number (IPC-1, OBR-18) with a patient ID (PID-3)")
     reasons = [reader.value(obr, 31, 2) or reader.value(obr, 31, 1), reader.value(obr, 13)]
     question = " / ".join(r for r in reasons if r)
-    procedure = (reader.value(obr, 4, 2) or reader.value(obr, 4, 1)
-                 or reader.value(obr, 44, 2) or reader.value(obr, 44, 1))
+    procedure_field = 4 if reader.value(obr, 4, 1) or reader.value(obr, 4, 2) else 44
+    procedure = (reader.value(obr, procedure_field, 2)
+                 or reader.value(obr, procedure_field, 1))
+    procedure_code = reader.value(obr, procedure_field, 1)[:64]
+    procedure_system = reader.value(obr, procedure_field, 3)[:32]
     location = reader.value(orc, 13) or reader.value(pv1, 3)
     identity = placer or filler or accession or study_uid
     key = hashlib.sha256(f"{common['sender']}\x00{identity}".encode()).hexdigest()[:32]
@@ -313,4 +320,5 @@ def _order(reader: _Reader, group: dict[str, hl7.Segment], zds: hl7.Segment | No
                  accession_number=accession[:64], study_uid=study_uid,
                  priority_code=priority, ordering_location=location[:128],
                  clinical_question=question, procedure=procedure[:128],
+                 procedure_code=procedure_code, procedure_coding_system=procedure_system,
                  **common)

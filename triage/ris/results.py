@@ -155,8 +155,10 @@ class _OruBuilder:
     def _obr(self, obr: Element) -> None:
         self._put(obr.obr_1, "1")
         self._order_numbers(obr.obr_2, obr.obr_3)
-        procedure = self.order.procedure if self.order else ""
-        service = ("", procedure, "") if procedure else SERVICE
+        order = self.order
+        # The procedure as ordered (code and coding system when the order gave them).
+        service = ((order.procedure_code, order.procedure, order.procedure_coding_system)
+                   if order and (order.procedure or order.procedure_code) else SERVICE)
         self._coded(obr.obr_4, service)
         self._timestamp(obr.obr_7, self._observed())
         accession = self.item.accession_number or (self.order.accession_number
