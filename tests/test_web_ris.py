@@ -6,6 +6,7 @@ Playwright."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from tests.browser import axe_violations, describe, launch, offline_context, sho
 from tests.conftest import serve_api
 from tests.test_api import make_item
 from tests.test_web import _row
+from triage.audit import AUDIT_KEY, AuditAction
 from triage.priority import PriorityClass
 from triage.ris.store import RejectedMessage, keep_rejected
 from triage.settings import Settings
@@ -181,6 +183,11 @@ def test_admins_see_the_messages_not_accepted(clean: Site) -> None:
             assert answer.text.count('<tr class="rejected-message">') == shown, limit
     with site.web(Role.RADIOLOGIST) as web:
         assert web.get("/admin/ris").status_code == 403
+    # The excerpts hold patient data: every reading is audited (two by the API, four pages).
+    viewed = [entry for entry in map(json.loads, site.redis.lrange(AUDIT_KEY, 0, -1))
+              if entry["action"] == AuditAction.HL7_REJECTED_VIEWED.value]
+    assert [e["details"]["messages"] for e in viewed] == [3, 2, 3, 1, 1, 3]
+    assert {e["role"] for e in viewed} == {"admin"}
 
 
 def test_study_page_and_row_show_the_order_and_its_end(clean: Site) -> None:

@@ -51,6 +51,8 @@ class AuditAction(str, Enum):
     ALERT_ACKNOWLEDGED = "vigilance.alert_acknowledged"
     BASELINE_SET = "vigilance.baseline_set"
     VIGILANCE_EXPORTED = "vigilance.exported"
+    # Messages from the RIS the listener did not accept hold patient data.
+    HL7_REJECTED_VIEWED = "admin.hl7_rejected_viewed"
 
 
 class AuditRecord(BaseModel):

@@ -63,9 +63,12 @@ async def vigilance(request: Request) -> Response:
 async def rejected_hl7(request: Request, limit: str = "100") -> Response:
     """HL7 v2 messages from the RIS that the listener did not accept, newest first (a
     mangled ``limit`` shows the latest 100, never an error page)."""
-    await page_user(request, ADMINS)
+    user = await page_user(request, ADMINS)
     shown = min(max(int(limit), 1), REJECTED_KEEP) if limit.strip().isdigit() else 100
     messages = await run_in_threadpool(rejected_messages, request.app.state.redis, shown)
+    # The excerpts hold patient data: who read them is audited.
+    await run_in_threadpool(audit, request, user, AuditAction.HL7_REJECTED_VIEWED,
+                            details={"messages": len(messages), "via": "page"})
     return page(request, "admin_ris.html", messages=messages, limit=shown)
 
 

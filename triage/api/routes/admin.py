@@ -216,13 +216,15 @@ def retry_deliveries(request: Request, admin: AdminDep, connection: RedisDep) ->
 
 
 @router.get("/ris/rejected", response_model=list[RejectedMessage])
-def get_rejected_hl7(_admin: AdminDep, connection: RedisDep,
+def get_rejected_hl7(request: Request, admin: AdminDep, connection: RedisDep,
                      limit: Annotated[int, Query(ge=1, le=1000)] = 100
                      ) -> list[RejectedMessage]:
     """HL7 v2 messages from the RIS that the MLLP listener did not accept, newest first (at
     most ``limit``): why, the answer the sender got (AR, AE, or the connection closed), and
-    the start of the message as received (it holds patient data)."""
-    return rejected_messages(connection, limit)
+    the start of the message as received (it holds patient data: the reading is audited)."""
+    found = rejected_messages(connection, limit)
+    audit(request, admin, AuditAction.HL7_REJECTED_VIEWED, details={"messages": len(found)})
+    return found
 
 
 class Percentiles(BaseModel):
