@@ -103,10 +103,11 @@ def orm_v23(*, control: str = "NW", placer: str = "P100", accession: str, patien
 
 def omi_v251(*, control: str = "NW", placer: str = "P200", accession: str, patient_id: str,
              study_uid: str = "", priority: str = "R", patient_class: str = "I",
-             question: str = "", control_id: str = "MSG1001") -> str:
+             question: str = "", control_id: str = "MSG1001",
+             sent: str = "20261130111500") -> str:
     """An OMI^O23 in v2.5.1: priority in TQ1-9, accession and Study Instance UID in IPC."""
     return "\r".join([
-        f"MSH|^~\\&|RIS|RADIOLOGY|TRIAGE|HOSPITAL|20261130111500||OMI^O23^OMI_O23|"
+        f"MSH|^~\\&|RIS|RADIOLOGY|TRIAGE|HOSPITAL|{sent}||OMI^O23^OMI_O23|"
         f"{control_id}|P|2.5.1",
         f"PID|1||{patient_id}^^^HOSP^MR||DOE^JOHN||19650505|M",
         f"PV1|1|{patient_class}|WARD7^12^1",
@@ -241,13 +242,21 @@ def test_an_order_sent_after_the_study_raises_it_and_a_cancel_is_shown(
     # The RIS cancels it: shown as cancelled, the study stays listed and its priority stays.
     ack = listener.send(omi_v251(control="CA", accession=accession, patient_id=patient_id,
                                  study_uid=uid, priority="S", patient_class="E",
-                                 question="Trauma", control_id="MSG1002"))
+                                 question="Trauma", control_id="MSG1002",
+                                 sent="20261130111700"))
     assert ack_of(ack)[0] == "AA"
     item = worklist.get(uid)
     assert item is not None
     assert [(o.status, o.order_control) for o in item.orders] == [
         (OrderStatus.CANCELLED, "CA")]
     assert item.priority is PriorityClass.URGENT
+    # The first message again (its ACK was lost): acknowledged, and the cancel stays.
+    ack = listener.send(omi_v251(accession=accession, patient_id=patient_id, study_uid=uid,
+                                 priority="S", patient_class="E", question="Trauma"))
+    assert ack_of(ack)[:2] == ("AA", "MSG1001")
+    item = worklist.get(uid)
+    assert item is not None
+    assert [o.status for o in item.orders] == [OrderStatus.CANCELLED]
 
 
 def test_an_order_for_the_same_accession_but_another_patient_does_not_attach(
@@ -412,3 +421,39 @@ def test_over_tls_only_clients_with_a_certificate_of_the_hospital_ca_are_admitte
                 assert not sock.recv(65536)
     [stored] = store.candidates(clean_servers.redis, study_uid="", accession_number="ACC-TLS")
     assert stored.sender == "tls:modality"
+
+
+# -- the README's examples -------------------------------------------------------------------
+
+def _readme_blocks(title: str) -> list[str]:
+    """The code blocks of README.md's section ``title`` (up to the next section)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    return [block.strip("\n") for block in section.split("```")[1::2]]
+
+
+def test_the_readme_examples_are_what_the_service_reads_and_writes() -> None:
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message as strict_parse
+
+    blocks = [b for b in _readme_blocks("Connecting a RIS") if b.startswith("MSH|")]
+    orm, omi, oru = blocks[0].split("\n\n")[0], blocks[1], blocks[2]
+    [v23] = read_orders(parse_message(orm), sender="ris", received_at=datetime.now(UTC))
+    assert (v23.version, v23.priority_code, v23.accession_number, v23.study_uid,
+            v23.patient_class, v23.clinical_question, v23.procedure_code) == (
+        "2.3", "S", "A2026113001", "1.2.826.0.1.3680043.8.498.12345", "E",
+        "Fall, anticoagulated / Sudden headache", "CTHEAD")
+    [v251] = read_orders(parse_message(omi), sender="ris", received_at=datetime.now(UTC))
+    assert (v251.version, v251.priority_code, v251.accession_number, v251.study_uid,
+            v251.clinical_question) == (
+        "2.5.1", "S", "A2026113002", "1.2.826.0.1.3680043.8.498.12346", "Trauma, GCS 12")
+    # The ACK shown is the one the listener writes for the v2.3 order.
+    ack = hl7.parse(blocks[0].split("\n\n")[1].replace("\n", "\r"))
+    assert ack_of(ack) == ("AA", "MSG0001", "")
+    # The ORU^R01 shown validates strictly, preliminary throughout.
+    strict = strict_parse(oru.replace("\n", "\r"), validation_level=VALIDATION_LEVEL.STRICT,
+                          find_groups=True)
+    strict.validate()
+    result = hl7.parse(oru.replace("\n", "\r"))
+    assert result["OBR.F25"] == "P"
+    assert {result[f"OBX{n}.F11"] for n in range(1, len(result.segments("OBX")) + 1)} == {"P"}
