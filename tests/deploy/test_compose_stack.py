@@ -304,7 +304,7 @@ def test_a_stat_order_from_the_ris_makes_a_routine_study_urgent(site: Site) -> N
     with MLLPClient(site.host, site.mllp_port) as client:
         client.socket.settimeout(30)
         ack = client.send_message(order)
-    assert "MSA|AA|DEPLOY1" in ack, ack
+    assert "MSA|AA|DEPLOY1" in ack.decode(), ack
     [uid] = site.send_ok(studies)
     site.wait_analysed([uid])
     response = site.api(f"/api/v1/studies/{uid}")
@@ -357,9 +357,21 @@ def test_a_worker_container_killed_mid_batch_loses_no_study(site: Site) -> None:
     # Each worker's main process, found before the batch: the kill then follows the probe
     # that chose the victim at once (with images scored as they arrive, the analyses at
     # stability of small studies take a few tens of milliseconds each).
-    victims = {stack.hostname(c): int(stack.inspect(c)["State"]["Pid"])
-               for c in stack.containers("worker")}
-    uids = site.send_ok(site.studies(48, "batch"))
+    containers = stack.containers("worker")
+    victims = {stack.hostname(c): int(stack.inspect(c)["State"]["Pid"]) for c in containers}
+    # The workers are paused while the batch arrives, so that the whole batch is queued when
+    # they resume (the small studies of a batch otherwise finish as fast as they arrive, and
+    # whether half of them still waited at the kill depended on the sending's pace).
+    for container in containers:
+        site.engine.podman("pause", container)
+    try:
+        uids = site.send_ok(site.studies(48, "batch"))
+        wait_until(lambda: sum(i["study"] in uids and i["status"] == "queued"
+                               for i in stack.probe("worklist")) == len(uids),
+                   timeout=60, what="the whole batch queued")
+    finally:
+        for container in containers:
+            site.engine.podman("unpause", container)
 
     def busy_worker() -> str | None:
         # A worker analysing a study of the batch while enough of the batch is left that it
