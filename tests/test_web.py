@@ -16,9 +16,9 @@ import httpx
 import pytest
 import redis
 import yaml
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
-from tests.browser import axe_violations, describe, launch, offline_context, shot, sign_in
+from tests.browser import axe_violations, describe, offline_context, shot, sign_in
 from tests.conftest import stack_env
 from tests.test_stack import UpProcess, send
 from triage.samples import SAMPLES, build_sample
@@ -101,14 +101,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield Stack(up, settings, root / "studies")
     finally:
         up.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
 
 
 def _row(page: Page, uid: str):  # type: ignore[no-untyped-def]

@@ -16,9 +16,9 @@ from html import unescape
 import httpx
 import pytest
 import redis
-from playwright.sync_api import Browser, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 
-from tests.browser import axe_violations, describe, launch, offline_context, shot, sign_in
+from tests.browser import axe_violations, describe, offline_context, shot, sign_in
 from tests.conftest import serve_api
 from tests.test_api import make_item
 from tests.test_web import _row
@@ -104,14 +104,6 @@ def site(redis_settings: Settings) -> Iterator[Site]:
 def clean(site: Site) -> Site:
     site.reset()
     return site
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
 
 
 def _text(html: str) -> str:

@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 import redis
-from playwright.sync_api import Browser, Dialog, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Dialog, Page, expect
 
-from tests.browser import axe_violations, describe, launch, offline_context, shot, sign_in
+from tests.browser import axe_violations, describe, offline_context, shot, sign_in
 from tests.conftest import serve_api
 from tests.test_api import make_item
 from tests.test_web import _row
@@ -76,14 +76,6 @@ def clean(site: Site) -> Site:
     site.redis.flushall()
     site.token = create_token(site.redis, role=Role.RADIOLOGIST, owner="dr.reader")
     return site
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
 
 
 def _reads(site: Site) -> list[dict]:

@@ -21,9 +21,9 @@ import httpx
 import psycopg
 import pytest
 import redis
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
-from tests.browser import axe_violations, describe, launch, offline_context, shot, sign_in
+from tests.browser import axe_violations, describe, offline_context, shot, sign_in
 from tests.conftest import free_port, serve_api
 from tests.test_vigilance_export import MODEL, SHADOWED, START, STUDIES, populate
 from triage.settings import Settings
@@ -34,14 +34,6 @@ PERIOD = "start=2026-11-01&end=2026-11-05"
 PAGE = f"/admin/vigilance?model={MODEL}&version=1.0&{PERIOD}"
 SECTIONS = ("v-rate", "v-figures", "v-subgroups", "v-alerts", "v-shadow", "v-states")
 TIMEOUT_MS = 15_000
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
 
 
 class Site:

@@ -256,6 +256,17 @@ def _tell(study_uid: str, sr_uid: str, webhook_name: str,
                     kind="webhook" if sr_uid else PRELIMINARY)
 
 
+def current_result(worklist: Worklist, study_uid: str, sr_uid: str) -> WorklistItem:
+    """The study's item while ``sr_uid`` is still its latest result; a result superseded by
+    a newer one (which is sent on its own) or a study gone raises ``PermanentError``."""
+    item = worklist.get(study_uid)
+    if item is None:
+        raise PermanentError("study no longer on the worklist")
+    if item.sr_sop_instance_uid != sr_uid:
+        raise PermanentError("superseded by a newer result of the study, sent on its own")
+    return item
+
+
 def _post(webhook: Webhook, message: dict[str, Any]) -> None:
     try:
         response = httpx.post(webhook.url, json=message, timeout=webhook.timeout_seconds)

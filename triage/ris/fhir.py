@@ -20,7 +20,7 @@ from fhir.resources.diagnosticreport import DiagnosticReport as DiagnosticReport
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport as DiagnosticReportR4B
 from pydantic import ValidationError
 
-from triage.delivery import _attempt
+from triage.delivery import _attempt, current_result
 from triage.errors import PermanentError, TransientError
 from triage.ris.results import cleared, private_values
 from triage.settings import FhirDestination, Settings
@@ -209,11 +209,7 @@ def deliver_fhir(study_uid: str, sr_uid: str, destination_name: str) -> str:
     destination = _fhir_destination(ctx.settings, destination_name)
 
     def send() -> None:
-        item = ctx.worklist.get(study_uid)
-        if item is None:
-            raise PermanentError("study no longer on the worklist")
-        if item.sr_sop_instance_uid != sr_uid:
-            raise PermanentError("superseded by a newer result of the study, sent on its own")
+        item = current_result(ctx.worklist, study_uid, sr_uid)
         try:
             report = diagnostic_report(ctx.settings, destination, item)
         except ValidationError as exc:  # its message would quote the values

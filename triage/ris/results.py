@@ -27,7 +27,7 @@ from hl7apy.core import Element, Message
 from hl7apy.exceptions import HL7apyException
 from hl7apy.factories import datatype_factory
 
-from triage.delivery import _attempt
+from triage.delivery import _attempt, current_result
 from triage.errors import PermanentError, TransientError
 from triage.settings import RisDestination, Settings
 from triage.worklist import FindingItem, WorklistItem, utcnow
@@ -330,11 +330,7 @@ def deliver_hl7(study_uid: str, sr_uid: str, destination_name: str) -> str:
     destination = _ris_destination(ctx.settings, destination_name)
 
     def send() -> None:
-        item = ctx.worklist.get(study_uid)
-        if item is None:
-            raise PermanentError("study no longer on the worklist")
-        if item.sr_sop_instance_uid != sr_uid:
-            raise PermanentError("superseded by a newer result of the study, sent on its own")
+        item = current_result(ctx.worklist, study_uid, sr_uid)
         try:
             message = oru_message(ctx.settings, destination, item)
         except HL7apyException as exc:  # its message would quote the value
