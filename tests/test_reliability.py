@@ -225,6 +225,45 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_queued_again(
     assert done is not None and done.status is StudyStatus.ANALYSED
 
 
+def test_a_job_left_in_rqs_taken_list_or_started_by_a_dead_worker_is_queued_again(
+        clean_servers: Servers, tmp_path: Path) -> None:
+    """RQ moves a job it takes into ``<queue>:intermediate``, then registers it as started:
+    a worker killed in between (or whose Redis restarted under it) leaves it there, or in
+    the started registry without a live worker, while the study still shows queued."""
+    from rq.executions import Execution
+    from rq.registry import StartedJobRegistry
+
+    from triage.queues import queues
+    from triage.recovery import recover_abandoned
+
+    servers = clean_servers
+    storescu(servers.settings, write_study(tmp_path / "s", "head-ct-normal"))
+    watch_until(servers, Watcher(servers.settings, servers.orthanc, servers.redis), 1)
+    [item] = Worklist(servers.redis).page()[0]
+    default = queues(servers.redis)[1]
+    # Taken: on RQ's list of taken jobs, nowhere else.
+    assert servers.redis.lmove(default.key, default.intermediate_queue_key) is not None
+    assert recover_abandoned(servers.redis, stranded_after=1) == []  # first sighting
+    time.sleep(1.2)
+    assert recover_abandoned(servers.redis, stranded_after=1) == [item.job_id]
+    assert default.count == 1
+    assert servers.redis.llen(default.intermediate_queue_key) == 0  # RQ's clean-up: nothing
+    # Registered as started by a worker that is not alive (its job still says queued).
+    assert servers.redis.lrem(default.key, 0, item.job_id) == 1
+    pipe = servers.redis.pipeline()
+    StartedJobRegistry(queue=default).add_execution(
+        Execution("dead-worker-run", item.job_id, servers.redis), pipe, ttl=600)
+    pipe.execute()
+    assert item.job_id in StartedJobRegistry(queue=default)
+    assert recover_abandoned(servers.redis, stranded_after=1) == []
+    time.sleep(1.2)
+    assert recover_abandoned(servers.redis, stranded_after=1) == [item.job_id]
+    assert item.job_id not in StartedJobRegistry(queue=default)
+    run_worker(burst=True)
+    done = Worklist(servers.redis).get(item.study_instance_uid)
+    assert done is not None and done.status is StudyStatus.ANALYSED
+
+
 def test_a_queued_study_whose_job_was_never_created_gets_one(clean_servers: Servers,
                                                              tmp_path: Path) -> None:
     """The watcher writes the worklist item, then enqueues the job: stopped (or Redis gone)

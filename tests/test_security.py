@@ -59,6 +59,7 @@ POLICY: dict[str, set[Role] | None] = {
     "/api/v1/admin/audit/verify": ADMINS,
     "/api/v1/admin/charts": ADMINS,
     "/api/v1/admin/deliveries": ADMINS,
+    "/api/v1/admin/ris/rejected": ADMINS,
     "/api/v1/admin/deliveries/retry": ADMINS,
     "/api/v1/admin/vigilance/figures": ADMINS,
     "/api/v1/admin/vigilance/subgroups": ADMINS,

@@ -316,14 +316,31 @@ def test_batches_go_by_size_or_age_and_yield_to_analyses_of_complete_studies(
     dispatcher = Dispatcher(settings, manifests)
     assert dispatcher.wants("CT") and not dispatcher.wants("CR")
     sent: list[Batch] = []
+    # The first look at the change log (a watcher that starts leading catches up): full or
+    # not, nothing says its images came in a burst; this batch is due by its age.
     dispatcher.add("study", "1.2.3", "series", ["a", "b"], now=0.0)
     dispatcher.add("study", "1.2.3", "series", ["b", "c"], now=0.1)
     assert dispatcher.send(connection, 0.2, sent.append) == 0  # neither full nor old enough
     assert dispatcher.send(connection, 0.26, sent.append) == 1
     assert sent[-1].instance_ids == ["a", "b", "c"]
     # A batch full before its time is a burst, left to the analysis at stability.
+    dispatcher.polled(0.95)
     dispatcher.add("study", "1.2.3", "series", [str(i) for i in range(20)], now=1.0)
     assert dispatcher.send(connection, 1.1, sent.append) == 0 and dispatcher.bursts == 20
+    # Within 0.1 s of the watcher's previous look at the change log: a burst as well.
+    dispatcher.polled(1.15)
+    dispatcher.add("study", "1.2.3", "series", [str(i) for i in range(16)], now=1.2)
+    assert dispatcher.send(connection, 1.25, sent.append) == 0 and dispatcher.bursts == 36
+    # A watcher held up for a second finds a scanner's images of that second at once: they
+    # may have arrived at 20 a second, not a burst; streamed at once, in two pieces.
+    dispatcher.polled(1.3)
+    dispatcher.add("study", "1.2.3", "series", [str(i) for i in range(20)], now=2.3)
+    assert dispatcher.send(connection, 2.3, sent.append) == 2 and dispatcher.bursts == 36
+    assert [len(b.instance_ids) for b in sent[-2:]] == [16, 4]
+    fresh = Dispatcher(settings, manifests)  # the first look, catching up: no burst either
+    fresh.add("study", "1.2.3", "series", [str(i) for i in range(20)], now=3.0)
+    assert fresh.send(connection, 3.0, sent.append) == 2 and fresh.bursts == 0
+    dispatcher = Dispatcher(settings, manifests)
     # One that waited its time goes, in pieces of the model's batch size (16).
     dispatcher.add("study", "1.2.3", "series", [str(i) for i in range(20)], now=1.5)
     assert dispatcher.send(connection, 1.8, sent.append) == 2
@@ -342,4 +359,4 @@ def test_batches_go_by_size_or_age_and_yield_to_analyses_of_complete_studies(
     Queue("default", connection=connection).enqueue("builtins.print")
     dispatcher.add("study", "1.2.3", "series", ["f"], now=5.0)
     assert dispatcher.send(connection, 5.3, sent.append) == 0 and dispatcher.dropped == 2
-    assert not dispatcher.pending and len(sent) == 3
+    assert not dispatcher.pending and len(sent) == 7

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import cast
 
 import redis
 from rq.exceptions import NoSuchJobError
@@ -172,10 +173,19 @@ def _enqueue_missing(connection: redis.Redis, item: WorklistItem) -> str:
 
 
 def _somewhere(connection: redis.Redis, queue: Queue, job: Job) -> bool:
+    """Whether the job is where some process will run it: on its queue, waiting for its
+    retry, or started by a worker that is alive. RQ's list of jobs just taken off a queue
+    (``<queue>:intermediate``) does not count: a worker killed there (or while Redis
+    restarted under it) leaves the job to RQ's own clean-up, minutes later, which fails it
+    without the study's failure being recorded."""
     if connection.lpos(queue.key, job.id) is not None:
         return True
-    return any(job.id in registry for registry in (
-        StartedJobRegistry(queue=queue), ScheduledJobRegistry(queue=queue)))
+    if job.id in ScheduledJobRegistry(queue=queue):
+        return True
+    if job.id in StartedJobRegistry(queue=queue):
+        worker = job.worker_name
+        return bool(worker) and bool(connection.exists(alive_key(str(worker))))
+    return False
 
 
 def _missing_key(job_id: str) -> str:
@@ -190,6 +200,14 @@ def _fetch(connection: redis.Redis, job_id: str) -> Job | None:
 
 
 def _requeue(queue: Queue, job: Job, worklist: Worklist) -> str:
+    # Out of RQ's lists of taken and started jobs first, so that its clean-up never fails
+    # or retries the job again behind the run queued here.
+    started = StartedJobRegistry(queue=queue)
+    raw = cast(list[bytes], queue.connection.zrange(started.key, 0, -1))
+    entries = [entry for entry in raw if started.parse_job_id(entry.decode()) == job.id]
+    if entries:
+        queue.connection.zrem(started.key, *entries)
+    queue.connection.lrem(queue.intermediate_queue_key, 0, job.id)
     queue.enqueue_job(job, at_front=True)
     study_uid, inputs = str(job.args[1]), str(job.args[2])
     worklist.update(study_uid, lambda item: item.model_copy(update={

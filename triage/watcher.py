@@ -184,6 +184,8 @@ class Watcher:
         moment = time.monotonic() if now is None else now
         queued += self.queue_complete(moment)
         self.send_streams(moment)
+        if self.streamer is not None:
+            self.streamer.polled(moment)
         return queued
 
     def send_streams(self, now: float) -> int:

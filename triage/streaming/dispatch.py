@@ -11,6 +11,11 @@ A series arriving in a burst (a full batch sooner than ``stream_batch_seconds``:
 second and more with a batch size of 16, a PACS or a fast link rather than a scanner at its
 pace) is not streamed either: it is complete within seconds anyway, and downloading its
 images while Orthanc is still receiving them would slow the reception that matters more.
+The watcher only knows that a batch's images arrived since its previous look at the change
+log, so a batch counts as a burst only when it was full within ``stream_batch_seconds`` of
+that look: a watcher held up on a busy server, or catching up with the change log as it
+starts leading, which then finds a scanner's images of the last seconds at once, still
+streams them.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class Batch:
     series_id: str
     first_seen: float
     instance_ids: list[str] = field(default_factory=list)
+    # The watcher's look at the change log before ``first_seen``: its first image arrived
+    # after it. None: no earlier look (the watcher just started leading).
+    opened: float | None = None
 
 
 def streaming_manifests(models_dir: Path) -> list[Manifest]:
@@ -69,6 +77,7 @@ class Dispatcher:
         self.sent = 0
         self.dropped = 0
         self.bursts = 0  # images of series arriving in a burst, left to the final analysis
+        self.last_poll: float | None = None  # the watcher's latest look at the change log
 
     @classmethod
     def for_settings(cls, settings: Settings) -> Dispatcher | None:
@@ -85,8 +94,15 @@ class Dispatcher:
             now: float) -> None:
         if not instance_ids:
             return
-        batch = self.pending.setdefault(series_id, Batch(study_id, study_uid, series_id, now))
+        opened = self.last_poll if self.last_poll is None or self.last_poll <= now else now
+        batch = self.pending.setdefault(
+            series_id, Batch(study_id, study_uid, series_id, now, opened=opened))
         batch.instance_ids += [i for i in instance_ids if i not in batch.instance_ids]
+
+    def polled(self, now: float) -> None:
+        """The watcher has read the change log up to now (images it sees later arrived after
+        ``now``)."""
+        self.last_poll = now
 
     def forget(self, study_id: str) -> None:
         """The study is complete: its analysis computes whatever is still pending."""
@@ -95,14 +111,16 @@ class Dispatcher:
 
     def due(self, now: float) -> list[Batch]:
         """Take the batches due at ``now``, full ones split into batch-size pieces; a batch
-        full before its time is a burst, dropped."""
+        full before its time, counted from the watcher's look before its first image, is a
+        burst, dropped."""
         taken = []
+        limit = self.settings.stream_batch_seconds
         for series_id, batch in list(self.pending.items()):
-            early = now - batch.first_seen < self.settings.stream_batch_seconds
-            if len(batch.instance_ids) < self.batch_size and early:
+            if len(batch.instance_ids) < self.batch_size and now - batch.first_seen < limit:
                 continue
             del self.pending[series_id]
-            if early:
+            if (len(batch.instance_ids) >= self.batch_size and batch.opened is not None
+                    and now - batch.opened < limit):
                 self.bursts += len(batch.instance_ids)
                 continue
             for start in range(0, len(batch.instance_ids), self.batch_size):
