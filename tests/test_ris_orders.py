@@ -288,6 +288,34 @@ def test_an_order_for_the_same_accession_but_another_patient_does_not_attach(
     assert item.priority is PriorityClass.URGENT
 
 
+def test_an_order_stored_while_the_watcher_queues_its_study_is_shown(
+        clean_servers: Servers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listener stores an order after the watcher looked for the study's orders and
+    before it wrote the study's item: the listener finds no item, the watcher no order."""
+    from triage.ris import intake
+
+    uid, accession, patient_id, path = _study(tmp_path, "race")
+    [order] = read_orders(parse_message(orm_v23(accession=accession, patient_id=patient_id,
+                                                priority="S")),
+                          sender="ris", received_at=datetime.now(UTC))
+    real = intake.orders_for
+    looked: list[str] = []
+
+    def racing(connection, **study):  # type: ignore[no-untyped-def]
+        looked.append(study["study_uid"])
+        if len(looked) == 1:
+            assert intake.take(connection, order, days=1) == []  # no item yet
+            return []
+        return real(connection, **study)
+
+    monkeypatch.setattr(intake, "orders_for", racing)
+    storescu(clean_servers.settings, [path])
+    item = analysed_listing(clean_servers, uid)
+    assert looked[:2] == [uid, uid]
+    assert [o.placer_order_number for o in item.orders] == ["P100"]
+    assert item.priority is PriorityClass.URGENT
+
+
 # -- what the listener answers ---------------------------------------------------------------
 
 def _closed_within(sock: socket.socket, seconds: float) -> float:
