@@ -227,6 +227,9 @@ def test_an_order_sent_after_the_study_raises_it_and_a_cancel_is_shown(
     storescu(clean_servers.settings, [path])
     item = analysed_listing(clean_servers, uid)
     assert item.priority is PriorityClass.ROUTINE and not item.orders
+    default, urgent = (Queue(name, connection=clean_servers.redis)
+                       for name in ("default", "urgent"))
+    assert default.job_ids == [item.job_id]
     # OMI^O23 v2.5.1 naming the study by its UID (IPC-3): the best key.
     ack = listener.send(omi_v251(accession=accession, patient_id=patient_id, study_uid=uid,
                                  priority="S", patient_class="E", question="Trauma"))
@@ -239,6 +242,8 @@ def test_an_order_sent_after_the_study_raises_it_and_a_cancel_is_shown(
         item.priority_reasons)
     assert [(o.status, o.clinical_question) for o in item.orders] == [
         (OrderStatus.ACTIVE, "Trauma")]
+    # Its analysis, still waiting with the routine ones, moves to the urgent queue.
+    assert (default.job_ids, urgent.job_ids) == ([], [item.job_id])
     # The RIS cancels it: shown as cancelled, the study stays listed and its priority stays.
     ack = listener.send(omi_v251(control="CA", accession=accession, patient_id=patient_id,
                                  study_uid=uid, priority="S", patient_class="E",
@@ -314,6 +319,9 @@ def test_an_order_stored_while_the_watcher_queues_its_study_is_shown(
     assert looked[:2] == [uid, uid]
     assert [o.placer_order_number for o in item.orders] == ["P100"]
     assert item.priority is PriorityClass.URGENT
+    # Queued with the routine studies before the order was seen: moved to the urgent queue.
+    assert item.job_id in Queue("urgent", connection=clean_servers.redis).job_ids
+    assert item.job_id not in Queue("default", connection=clean_servers.redis).job_ids
 
 
 # -- what the listener answers ---------------------------------------------------------------

@@ -1,6 +1,9 @@
 """What an order does to the worklist: its study's clinical priority floor and what the
 radiologist sees of it.
 
+An urgent order for a study still waiting to be analysed with the routine studies moves its
+analysis to the urgent queue, so that the AI result comes as early as the order asks.
+
 An order that arrives before its study is stored and found by the watcher when the study is
 complete (``orders_for``); one that arrives later updates the study's item at once
 (``take``). Either way the order raises the clinical priority (STAT or ASAP, or an emergency
@@ -14,12 +17,16 @@ import logging
 from collections.abc import Iterable
 
 import redis
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
 
 from triage.logs import pseudonym
-from triage.priority import ClinicalPriority, highest
+from triage.priority import ClinicalPriority, PriorityClass, highest
+from triage.queues import QueueName
 from triage.ris import store
 from triage.ris.orders import Order, matches
-from triage.worklist import Worklist, WorklistItem
+from triage.worklist import StudyStatus, Worklist, WorklistItem
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,26 @@ def with_orders(item: WorklistItem, orders: Iterable[Order]) -> WorklistItem:
     })
 
 
+def hasten(connection: redis.Redis, item: WorklistItem) -> bool:
+    """Move the analysis of a study an order made urgent, still waiting with the routine
+    ones, to the urgent queue; returns whether it moved. A job a worker has already taken
+    stays where it is (only the job removed from the routine queue here is queued again)."""
+    if (item.status is not StudyStatus.QUEUED or not item.job_id
+            or item.priority is PriorityClass.ROUTINE):
+        return False
+    routine = Queue(QueueName.DEFAULT.value, connection=connection)
+    if not connection.lrem(routine.key, 1, item.job_id):
+        return False
+    try:
+        job = Job.fetch(item.job_id, connection=connection)
+    except NoSuchJobError:  # the watcher's recovery creates a missing job
+        return False
+    Queue(QueueName.URGENT.value, connection=connection).enqueue_job(job)
+    log.info("study %s: analysis moved to the urgent queue by an order",
+             pseudonym(item.study_instance_uid))
+    return True
+
+
 def newer(order: Order, stored: Order | None) -> bool:
     """Whether ``order`` describes the order later than what is stored (a message resent
     after a lost ACK, or sent out of order, never undoes a later one)."""
@@ -94,8 +121,10 @@ def take(connection: redis.Redis, order: Order, *, days: int) -> list[str]:
                        accession_number=item.accession_number, patient_id=item.patient_id,
                        issuer=item.issuer_of_patient_id):
             continue
-        worklist.update(item.study_instance_uid,
-                        lambda current: with_orders(current, [order]), event="order")
+        raised = worklist.update(item.study_instance_uid,
+                                 lambda current: with_orders(current, [order]), event="order")
+        if raised is not None:
+            hasten(connection, raised)
         updated.append(item.study_instance_uid)
         log.info("study %s: order %s (%s) shown", pseudonym(item.study_instance_uid),
                  order.control, order.status.value)
