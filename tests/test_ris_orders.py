@@ -16,6 +16,7 @@ from pathlib import Path
 
 import hl7
 import pytest
+import redis
 from hl7.client import MLLPClient
 from rq import Queue
 
@@ -24,11 +25,11 @@ from tests.senders import storescu
 from tests.studies import ct_studies
 from tests.test_dicom_security import make_pki
 from triage.priority import PriorityClass
-from triage.ris import store
-from triage.ris.orders import OrderError, parse_message, read_orders
+from triage.ris import intake, store
+from triage.ris.orders import Order, OrderError, parse_message, read_orders
 from triage.servers import ManagedProcess
 from triage.watcher import Watcher
-from triage.worklist import OrderStatus, Worklist, WorklistItem
+from triage.worklist import OrderStatus, StudyStatus, Worklist, WorklistItem
 
 pytestmark = pytest.mark.servers
 
@@ -297,8 +298,6 @@ def test_an_order_stored_while_the_watcher_queues_its_study_is_shown(
         clean_servers: Servers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The listener stores an order after the watcher looked for the study's orders and
     before it wrote the study's item: the listener finds no item, the watcher no order."""
-    from triage.ris import intake
-
     uid, accession, patient_id, path = _study(tmp_path, "race")
     [order] = read_orders(parse_message(orm_v23(accession=accession, patient_id=patient_id,
                                                 priority="S")),
@@ -493,3 +492,131 @@ def test_the_readme_examples_are_what_the_service_reads_and_writes() -> None:
     result = hl7.parse(oru.replace("\n", "\r"))
     assert result["OBR.F25"] == "P"
     assert {result[f"OBX{n}.F11"] for n in range(1, len(result.segments("OBX")) + 1)} == {"P"}
+
+
+# -- what the RIS corrects, repeats or sends together -----------------------------------------
+
+def _orders(text: str, *, received: datetime | None = None) -> list[Order]:
+    return read_orders(parse_message(text), sender="ris",
+                       received_at=received or datetime.now(UTC))
+
+
+def _listed(connection: redis.Redis, uid: str, accession: str, patient_id: str) -> None:
+    from tests.test_api import make_item
+
+    item = make_item(int(uid.rsplit(".", 1)[1]), PriorityClass.ROUTINE, 1).model_copy(
+        update={"study_instance_uid": uid, "accession_number": accession,
+                "patient_id": patient_id, "status": StudyStatus.QUEUED, "findings": []})
+    Worklist(connection).put(item)
+
+
+def test_each_requested_procedure_of_an_order_is_its_own_order(
+        clean_servers: Servers) -> None:
+    """IHE scheduled workflow: one order (one placer number), two requested procedures, each
+    with its own study; the STAT one must reach its study."""
+    text = "\r".join([
+        "MSH|^~\\&|RIS|RAD|TRIAGE|HOSP|20261130111500||OMI^O23^OMI_O23|TWO1|P|2.5.1",
+        "PID|1||PAT-2^^^HOSP", "PV1|1|O",
+        "ORC|NW|P1|F1||SC", "TQ1|1||||||||S", "OBR|1|P1|F1|CTHEAD^CT head^L",
+        "IPC|ACC1|RP1|1.2.3.10|SPS1|CT", "IPC|ACC2|RP2|1.2.3.11|SPS2|CT",
+        "ORC|NW|P1|F1||SC", "TQ1|1||||||||R", "OBR|1|P1|F1|CTCHEST^CT chest^L",
+        "IPC|ACC3|RP3|1.2.3.12|SPS3|CT",
+    ])
+    orders = _orders(text)
+    assert [(o.study_uid, o.priority_code) for o in orders] == [
+        ("1.2.3.10", "S"), ("1.2.3.11", "S"), ("1.2.3.12", "R")]
+    assert len({o.key for o in orders}) == 3
+    connection = clean_servers.redis
+    for order in orders:
+        intake.take(connection, order, days=1)
+    for uid, code in (("1.2.3.10", "S"), ("1.2.3.11", "S"), ("1.2.3.12", "R")):
+        [found] = intake.orders_for(connection, study_uid=uid, accession_number="",
+                                    patient_id="PAT-2", issuer="")
+        assert found.priority_code == code
+    # More requested procedures than one message may carry: AE.
+    many = "\r".join([*text.split("\r")[:3],
+                      *[f"ORC|NW|P{n}|F{n}\rIPC|A{n}|R{n}|1.2.3.{n}" for n in range(101)]])
+    with pytest.raises(OrderError) as refused:
+        _orders(many)
+    assert refused.value.answer == "AE" and "at most 100" in refused.value.reason
+
+
+def test_an_order_the_ris_moves_to_another_study_leaves_the_first(
+        clean_servers: Servers) -> None:
+    connection = clean_servers.redis
+    worklist = Worklist(connection)
+    _listed(connection, "1.2.3.1", "ACC-A", "PAT-A")
+    _listed(connection, "1.2.3.2", "ACC-B", "PAT-B")
+
+    def message(control: str, zds: str, sent: str, control_id: str) -> str:
+        return "\r".join([
+            f"MSH|^~\\&|RIS|RAD|TRIAGE|HOSP|{sent}||ORM^O01|{control_id}|P|2.3",
+            "PID|1||PAT-B", "PV1|1|E", f"ORC|{control}|P1|F1||SC||^^^^^S",
+            "|".join(["OBR", "1", "P1", "F1", "CTHEAD^CT head^L", *[""] * 8,
+                      "Question of patient B"]),  # OBR-13
+            f"ZDS|{zds}^^Application^DICOM"])
+
+    [first] = _orders(message("NW", "1.2.3.1", "20261130100000", "M1"))
+    assert intake.take(connection, first, days=1) == ["1.2.3.1"]  # (the RIS's error)
+    [moved] = _orders(message("XO", "1.2.3.2", "20261130100500", "M2"))
+    assert intake.take(connection, moved, days=1) == ["1.2.3.2"]
+    shown_a, shown_b = worklist.get("1.2.3.1"), worklist.get("1.2.3.2")
+    assert shown_a is not None and shown_b is not None
+    assert shown_a.orders == []  # no other patient's question any more
+    assert shown_a.priority is PriorityClass.URGENT  # what it raised stays
+    assert [o.clinical_question for o in shown_b.orders] == ["Question of patient B"]
+    assert intake.orders_for(connection, study_uid="1.2.3.1", accession_number="",
+                             patient_id="PAT-A", issuer="") == []
+    # The same message again, and an older one: acknowledged, nothing changes.
+    assert intake.take(connection, moved, days=1) == []
+    assert intake.take(connection, first, days=1) == []
+    assert worklist.get("1.2.3.1").orders == []  # type: ignore[union-attr]
+    # A cancel in the same second as the order it cancels, then that order late: cancelled.
+    [cancel] = _orders(message("CA", "1.2.3.2", "20261130100500", "M3"))
+    assert intake.take(connection, cancel, days=1) == ["1.2.3.2"]
+    [late] = _orders(message("XO", "1.2.3.2", "20261130100500", "M4"))
+    assert intake.take(connection, late, days=1) == []
+    assert [o.status for o in worklist.get("1.2.3.2").orders] == [  # type: ignore[union-attr]
+        OrderStatus.CANCELLED]
+
+
+def test_a_shown_order_is_never_replaced_by_an_earlier_state(clean_servers: Servers) -> None:
+    connection = clean_servers.redis
+    _listed(connection, "1.2.3.5", "ACC-5", "PAT-5")
+    worklist = Worklist(connection)
+    text = orm_v23(accession="ACC-5", patient_id="PAT-5", priority="S")
+    [old] = _orders(text, received=datetime(2026, 11, 30, 10, 0, tzinfo=UTC))
+    [new] = _orders(text.replace("ORC|NW", "ORC|CA"),
+                    received=datetime(2026, 11, 30, 10, 1, tzinfo=UTC))
+    item = intake.with_orders(worklist.get("1.2.3.5"), [new])  # type: ignore[arg-type]
+    assert intake.with_orders(item, [old]) is item  # the watcher's stale copy: ignored
+    assert [o.status for o in item.orders] == [OrderStatus.CANCELLED]
+    assert item.priority is PriorityClass.ROUTINE  # a cancelled order raises nothing
+
+
+def test_odd_input_gets_a_safe_answer(clean_servers: Servers) -> None:
+    from triage.ris.listener import Peer, answer
+    from triage.settings import Settings
+
+    settings = Settings(ris_senders=[{"name": "ris", "application": "RIS"}])
+    peer = Peer("10.0.0.9", False)
+    # Blank lines between segments: taken.
+    spaced = orm_v23(accession="ACC-SP", patient_id="p", control_id="SP1").replace(
+        "\r", "\r\n\r\n")
+    reply = answer(spaced.encode(), peer, clean_servers.redis, settings)
+    assert (reply.code, ack_of(hl7.parse(reply.ack.decode()))[:2]) == ("AA", ("AA", "SP1"))
+    # A control id that tries to write a segment into our answer: our header stays ours.
+    forged = orm_v23(accession="A", patient_id="p",
+                     control_id="M\\X0D\\MSA\\F\\AA").replace("ORC|NW", "ORC|ZZ")
+    reply = answer(forged.encode(), peer, clean_servers.redis, settings)
+    ack = hl7.parse(reply.ack.decode())
+    assert [str(s[0]) for s in ack] == ["MSH", "MSA"]
+    assert ack_of(ack)[0] == "AE"
+
+
+def test_receivers_words_are_cleared_of_the_patient_in_any_case() -> None:
+    from triage.ris.results import cleared
+
+    text = "Patient Jane DOE (pat-77, born 19700101) not found for order PL9"
+    assert cleared(text, ["DOE", "JANE", "PAT-77", "19700101", "PL9"]) == (
+        "Patient … … (…, born …) not found for order …")

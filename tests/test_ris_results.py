@@ -29,6 +29,7 @@ from triage.worklist import (
     DeliveryStatus,
     FindingItem,
     OrderItem,
+    OrderStatus,
     ResultItem,
     StudyStatus,
     Worklist,
@@ -345,3 +346,18 @@ def test_the_rule_of_a_ris_decides_and_names_do_not_collide_across_kinds(stack) 
     assert delivery.schedule(connection, settings, stored) == []  # planned already, per kind
     message = oru_message(settings, settings.ris_destinations[0], negative)
     assert "AI-OUTCOME^" in message and "NEGATIVE^No finding" in message
+
+
+def test_the_result_answers_the_latest_active_order() -> None:
+    """A cancelled order's numbers would file the result against the wrong request."""
+    item = result_item(7)
+    [active] = item.orders
+    cancelled = active.model_copy(update={
+        "key": "ris:cancelled", "placer_order_number": "PL-OLD", "status": OrderStatus.CANCELLED,
+        "updated_at": active.updated_at + timedelta(minutes=1)})
+    destination = RisDestination(name="ris", host="127.0.0.1", port=1, version="2.5.1")
+    for orders, placer in (([cancelled, active], active.placer_order_number),
+                           ([cancelled], "")):
+        text = oru_message(Settings(), destination, item.model_copy(update={"orders": orders}))
+        message = hl7.parse(text)
+        assert message["ORC.F2"] == placer and message["OBR.F2"] == placer

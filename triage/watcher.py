@@ -408,18 +408,20 @@ class Watcher:
             inputs=snapshot.inputs, pipeline=pipe))
         log.info("study %s queued (%d instances, queue %s)",
                  pseudonym(snapshot.study_instance_uid), snapshot.n_instances, queue.value)
-        self._late_orders(snapshot, {o.key for o in orders})
+        self._late_orders(snapshot, {(o.key, o.updated_at) for o in orders})
         return True
 
-    def _late_orders(self, snapshot: StudySnapshot, applied: set[str]) -> None:
-        """Show the orders stored between the look-up of the study's orders and the item's
-        creation (the listener found no item for them then, and the item was written without
-        them), and move the study's analysis to the urgent queue if they make it urgent."""
+    def _late_orders(self, snapshot: StudySnapshot, applied: set[tuple[str, datetime]]
+                     ) -> None:
+        """Show the orders (or states of orders) stored between the look-up of the study's
+        orders and the item's creation (the listener found no item for them then, and the
+        item was written without them), and move the study's analysis to the urgent queue if
+        they make it urgent."""
         issuer = str(snapshot.first_instance.get("IssuerOfPatientID") or "")
         late = [o for o in intake.orders_for(
             self.redis, study_uid=snapshot.study_instance_uid,
             accession_number=snapshot.accession_number, patient_id=snapshot.patient_id,
-            issuer=issuer) if o.key not in applied]
+            issuer=issuer) if (o.key, o.updated_at) not in applied]
         if late:  # fenced, as every worklist write of the watcher
             raised = self.worklist.update(snapshot.study_instance_uid,
                                           lambda item: intake.with_orders(item, late),

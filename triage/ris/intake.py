@@ -26,7 +26,7 @@ from triage.priority import ClinicalPriority, PriorityClass, highest
 from triage.queues import QueueName
 from triage.ris import store
 from triage.ris.orders import Order, matches
-from triage.worklist import StudyStatus, Worklist, WorklistItem
+from triage.worklist import OrderStatus, StudyStatus, Worklist, WorklistItem
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,15 @@ def clinical_with_orders(clinical: ClinicalPriority, orders: Iterable[Order]
 
 
 def with_orders(item: WorklistItem, orders: Iterable[Order]) -> WorklistItem:
-    """``item`` with ``orders`` shown (replacing earlier states of the same orders) and its
-    priority raised to their floor."""
-    orders = list(orders)
-    if not orders:
+    """``item`` with ``orders`` shown (replacing earlier states of the same orders, never a
+    later one) and its priority raised to the floor of those applied."""
+    shown_at = {o.key: o.updated_at for o in item.orders}
+    applied = [o for o in orders if o.key not in shown_at or o.updated_at >= shown_at[o.key]]
+    if not applied:
         return item
-    keys = {o.key for o in orders}
-    shown = [o for o in item.orders if o.key not in keys] + [o.item() for o in orders]
-    floor = clinical_with_orders(ClinicalPriority(item.clinical_priority), orders)
+    keys = {o.key for o in applied}
+    shown = [o for o in item.orders if o.key not in keys] + [o.item() for o in applied]
+    floor = clinical_with_orders(ClinicalPriority(item.clinical_priority), applied)
     reasons = item.priority_reasons + [r for r in floor.reasons
                                        if r not in item.priority_reasons]
     return item.model_copy(update={
@@ -69,6 +70,14 @@ def with_orders(item: WorklistItem, orders: Iterable[Order]) -> WorklistItem:
     })
 
 
+def without_order(item: WorklistItem, key: str) -> WorklistItem | None:
+    """``item`` no longer showing the order ``key`` (the RIS moved it to another study or
+    patient); the priority it raised stays."""
+    if not any(o.key == key for o in item.orders):
+        return None
+    return item.model_copy(update={"orders": [o for o in item.orders if o.key != key]})
+
+
 def hasten(connection: redis.Redis, item: WorklistItem) -> bool:
     """Move the analysis of a study an order made urgent, still waiting with the routine
     ones, to the urgent queue; returns whether it moved. A job a worker has already taken
@@ -76,8 +85,10 @@ def hasten(connection: redis.Redis, item: WorklistItem) -> bool:
     if (item.status is not StudyStatus.QUEUED or not item.job_id
             or item.priority is PriorityClass.ROUTINE):
         return False
-    routine = Queue(QueueName.DEFAULT.value, connection=connection)
-    if not connection.lrem(routine.key, 1, item.job_id):
+    for name in (QueueName.DEFAULT, QueueName.BULK):
+        if connection.lrem(Queue(name.value, connection=connection).key, 1, item.job_id):
+            break
+    else:
         return False
     try:
         job = Job.fetch(item.job_id, connection=connection)
@@ -91,10 +102,17 @@ def hasten(connection: redis.Redis, item: WorklistItem) -> bool:
 
 def newer(order: Order, stored: Order | None) -> bool:
     """Whether ``order`` describes the order later than what is stored (a message resent
-    after a lost ACK, or sent out of order, never undoes a later one)."""
-    if stored is None or order.message_time is None or stored.message_time is None:
+    after a lost ACK, or sent out of order, never undoes a later one; at the same second a
+    cancel or discontinue stands)."""
+    if stored is None:
         return True
-    return order.message_time >= stored.message_time
+    if order.control_id == stored.control_id and order.message_type == stored.message_type:
+        return False  # the same message again
+    if order.message_time is None or stored.message_time is None:
+        return True
+    if order.message_time != stored.message_time:
+        return order.message_time > stored.message_time
+    return not (stored.status is not OrderStatus.ACTIVE and order.status is OrderStatus.ACTIVE)
 
 
 def take(connection: redis.Redis, order: Order, *, days: int) -> list[str]:
@@ -107,15 +125,12 @@ def take(connection: redis.Redis, order: Order, *, days: int) -> list[str]:
         return []
     if stored is not None:
         order = order.model_copy(update={"received_at": stored.received_at})
-    store.save(connection, order, days=days)
+    store.save(connection, order, days=days, previous=stored)
     worklist = Worklist(connection)
-    found: list[WorklistItem] = []
-    if order.study_uid:
-        item = worklist.get(order.study_uid)
-        found += [item] if item is not None else []
-    elif order.accession_number:
-        found += worklist.with_facet(f"accession:{order.accession_number}")
+    if stored is not None:
+        _withdraw_moved(worklist, stored, order)
     updated = []
+    found = _listed(worklist, order)
     for item in found:
         if not matches(order, study_uid=item.study_instance_uid,
                        accession_number=item.accession_number, patient_id=item.patient_id,
@@ -129,3 +144,29 @@ def take(connection: redis.Redis, order: Order, *, days: int) -> list[str]:
         log.info("study %s: order %s (%s) shown", pseudonym(item.study_instance_uid),
                  order.control, order.status.value)
     return updated
+
+
+def _listed(worklist: Worklist, order: Order) -> list[WorklistItem]:
+    """The listed studies ``order`` may belong to (the caller checks ``matches``)."""
+    if order.study_uid:
+        item = worklist.get(order.study_uid)
+        return [item] if item is not None else []
+    if order.accession_number:
+        return worklist.with_facet(f"accession:{order.accession_number}")
+    return []
+
+
+def _withdraw_moved(worklist: Worklist, stored: Order, order: Order) -> None:
+    """Take the order off the studies its earlier state matched and its new one does not
+    (the RIS corrected its study, accession or patient): another patient's clinical
+    question must not stay on them."""
+    for item in _listed(worklist, stored):
+        if matches(order, study_uid=item.study_instance_uid,
+                   accession_number=item.accession_number, patient_id=item.patient_id,
+                   issuer=item.issuer_of_patient_id):
+            continue
+        if worklist.update(item.study_instance_uid,
+                           lambda current: without_order(current, order.key),
+                           event="order") is not None:
+            log.info("study %s: order moved elsewhere by the RIS, no longer shown",
+                     pseudonym(item.study_instance_uid))

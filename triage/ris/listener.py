@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import socket
 import ssl
@@ -109,6 +110,9 @@ def _control_id(message: hl7.Message) -> str:
         own = str(message["MSH.10"])
     except (KeyError, IndexError):
         own = ""
+    # Only plain characters: the sender's value (unescaped by the parser) must not be able
+    # to write delimiters, or a segment, into our header.
+    own = re.sub(r"[^A-Za-z0-9._-]", "", own)
     return f"A{own}"[:20] if own else f"A{int(_now().timestamp() * 1000)}"
 
 
@@ -142,7 +146,8 @@ def answer(block: bytes, peer: Peer, connection: redis.Redis, settings: Settings
         if sender is None:
             raise OrderError("AR", "sender not admitted (MSH-3/MSH-4 and address are not "
                                    "those of a configured RIS sender)")
-        orders = read_orders(message, sender=sender, received_at=_now())
+        orders = read_orders(message, sender=sender, received_at=_now(),
+                             zone=settings.site_zone)
         try:
             for order in orders:
                 intake.take(connection, order, days=settings.ris_order_days)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
 
 import hl7
@@ -39,6 +39,7 @@ from triage.worklist import OrderItem, OrderStatus
 
 SUPPORTED = {("ORM", "O01"), ("OMI", "O23")}
 TEXT_LIMIT = 512
+MAX_ORDERS = 100  # requested procedures taken from one message
 _CONTROL_STATUS = {
     "NW": OrderStatus.ACTIVE, "XO": OrderStatus.ACTIVE, "SC": OrderStatus.ACTIVE,
     "CA": OrderStatus.CANCELLED, "OC": OrderStatus.CANCELLED, "CR": OrderStatus.CANCELLED,
@@ -184,17 +185,18 @@ def _segment_name(segment: hl7.Segment) -> str:
     return str(segment[0]).strip().upper()
 
 
-def _message_time(value: str) -> datetime | None:
-    """An HL7 DTM (YYYY[MM[DD[HH[MM[SS[.S+]]]]]][+/-ZZZZ]); naive values read as UTC."""
+def _message_time(value: str, zone: tzinfo = UTC) -> datetime | None:
+    """An HL7 DTM (YYYY[MM[DD[HH[MM[SS[.S+]]]]]][+/-ZZZZ]); one without an offset is in
+    ``zone`` (the site's)."""
     match = re.fullmatch(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?"
                          r"([+-]\d{4})?", value.strip())
     if match is None:
         return None
-    year, month, day, hour, minute, second, zone = match.groups()
-    tz = UTC
-    if zone:
-        sign = 1 if zone[0] == "+" else -1
-        tz = timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[3:5])))
+    year, month, day, hour, minute, second, offset = match.groups()
+    tz = zone
+    if offset:
+        sign = 1 if offset[0] == "+" else -1
+        tz = timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[3:5])))
     try:
         return datetime(int(year), int(month or 1), int(day or 1), int(hour or 0),
                         int(minute or 0), int(second or 0), tzinfo=tz).astimezone(UTC)
@@ -212,6 +214,8 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 def parse_message(text: str) -> hl7.Message:
     """Parse HL7 v2 text (segments ended by CR, LF or CRLF). Raises ``OrderError`` (AR)."""
     text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r\n\x00 ")
+    # Blank lines between segments (some senders write them) are no segments.
+    text = "\r".join(line for line in text.split("\r") if line.strip())
     if not text.startswith("MSH") or len(text) < 8:
         raise OrderError("AR", "not an HL7 v2 message (no MSH segment first)")
     try:
@@ -225,8 +229,11 @@ def message_type(message: hl7.Message) -> tuple[str, str]:
     return reader.header("MSH.9.1.1").upper(), reader.header("MSH.9.1.2").upper()
 
 
-def read_orders(message: hl7.Message, *, sender: str, received_at: datetime) -> list[Order]:
-    """The orders of an ORM^O01 or OMI^O23 message. Raises ``OrderError``."""
+def read_orders(message: hl7.Message, *, sender: str, received_at: datetime,
+                zone: tzinfo = UTC) -> list[Order]:
+    """The orders of an ORM^O01 or OMI^O23 message, one per requested procedure (an order
+    with several IPC segments gives several). Raises ``OrderError``. ``zone``: the time zone
+    of times written without an offset."""
     reader = _Reader(message)
     code, event = message_type(message)
     version = reader.header("MSH.12.1.1")
@@ -252,13 +259,19 @@ def read_orders(message: hl7.Message, *, sender: str, received_at: datetime) -> 
         raise OrderError("AE", "the message has no order (ORC segment)")
     common = {
         "sender": sender, "message_type": f"{code}^{event}", "version": version,
-        "control_id": control_id, "message_time": _message_time(reader.header("MSH.7")),
+        "control_id": control_id,
+        "message_time": _message_time(reader.header("MSH.7"), zone),
         "patients": patients, "patient_class": reader.value(pv1, 2).upper()[:8],
         "received_at": received_at, "updated_at": received_at,
     }
     orders = []
     for group in groups:
-        orders.append(_order(reader, group, zds, pv1, common, new_tq1=numbers >= (2, 5)))
+        for ipc in group.get("IPC", [None]):
+            orders.append(_order(reader, group, ipc, zds, pv1, common,
+                                 new_tq1=numbers >= (2, 5)))
+    if len(orders) > MAX_ORDERS:
+        raise OrderError("AE", f"{len(orders)} requested procedures in one message; at most "
+                               f"{MAX_ORDERS} are taken")
     return orders
 
 
@@ -273,21 +286,25 @@ def _patients(reader: _Reader, pid: hl7.Segment | None) -> list[PatientIdentifie
     return found
 
 
-def _order_groups(segments: Sequence[hl7.Segment]) -> list[dict[str, hl7.Segment]]:
-    """One dict per ORC: its ORC, and the first TQ1, OBR and IPC before the next ORC."""
-    groups: list[dict[str, hl7.Segment]] = []
+def _order_groups(segments: Sequence[hl7.Segment]) -> list[dict[str, Any]]:
+    """One dict per ORC: its ORC, the first TQ1 and OBR before the next ORC, and every IPC
+    (``"IPC"``: a list; one requested procedure each)."""
+    groups: list[dict[str, Any]] = []
     for segment in segments:
         name = _segment_name(segment)
         if name == "ORC":
             groups.append({"ORC": segment})
-        elif groups and name in ("TQ1", "OBR", "IPC") and name not in groups[-1]:
+        elif groups and name == "IPC":
+            groups[-1].setdefault("IPC", []).append(segment)
+        elif groups and name in ("TQ1", "OBR") and name not in groups[-1]:
             groups[-1][name] = segment
     return groups
 
 
-def _order(reader: _Reader, group: dict[str, hl7.Segment], zds: hl7.Segment | None,
-           pv1: hl7.Segment | None, common: Mapping[str, Any], *, new_tq1: bool) -> Order:
-    orc, obr, tq1, ipc = (group.get(n) for n in ("ORC", "OBR", "TQ1", "IPC"))
+def _order(reader: _Reader, group: dict[str, Any], ipc: hl7.Segment | None,
+           zds: hl7.Segment | None, pv1: hl7.Segment | None, common: Mapping[str, Any], *,
+           new_tq1: bool) -> Order:
+    orc, obr, tq1 = (group.get(n) for n in ("ORC", "OBR", "TQ1"))
     control = reader.value(orc, 1).upper()
     if control not in _CONTROL_STATUS:
         raise OrderError("AE", f"order control {control or '(empty)'} is not handled "
@@ -313,7 +330,14 @@ def _order(reader: _Reader, group: dict[str, hl7.Segment], zds: hl7.Segment | No
     procedure_code = reader.value(obr, procedure_field, 1)[:64]
     procedure_system = reader.value(obr, procedure_field, 3)[:32]
     location = reader.value(orc, 13) or reader.value(pv1, 3)
-    identity = placer or filler or accession or study_uid
+    # One order may request several procedures (each its own study, IHE scheduled
+    # workflow): the requested procedure (IPC-2, OBR-19), else its study, tells them apart.
+    # Without those, several IPC of one order are told apart by their studies; a single one
+    # is the order itself, whatever study the RIS later corrects it to.
+    several = len(group.get("IPC", [])) > 1
+    requested = (reader.value(ipc, 2) or reader.value(obr, 19)
+                 or (study_uid or accession if several else ""))
+    identity = f"{placer or filler}\x00{requested}"
     key = hashlib.sha256(f"{common['sender']}\x00{identity}".encode()).hexdigest()[:32]
     return Order(key=key, control=control, status=_CONTROL_STATUS[control],
                  placer_order_number=placer[:64], filler_order_number=filler[:64],

@@ -30,7 +30,7 @@ from hl7apy.factories import datatype_factory
 from triage.delivery import _attempt, current_result
 from triage.errors import PermanentError, TransientError
 from triage.settings import RisDestination, Settings
-from triage.worklist import FindingItem, WorklistItem, utcnow
+from triage.worklist import FindingItem, OrderStatus, WorklistItem, utcnow
 
 STRICT = VALIDATION_LEVEL.STRICT
 PRELIMINARY = "P"  # HL7 table 0123 (OBR-25) and 0085 (OBX-11)
@@ -89,7 +89,10 @@ class _OruBuilder:
         self.zone = settings.site_zone
         self.control_id = message_control_id(destination.name, item.sr_sop_instance_uid or "")
         self.analysed = (item.analysed_at or utcnow()).astimezone(self.zone)
-        self.order = item.orders[0] if item.orders else None
+        # The order the result answers: the latest one still active (a cancelled order's
+        # numbers would file it against the wrong request).
+        active = [o for o in item.orders if o.status is OrderStatus.ACTIVE]
+        self.order = max(active, key=lambda o: o.updated_at) if active else None
 
     def build(self) -> Message:
         message = Message("ORU_R01", version=self.version, validation_level=STRICT)
@@ -412,16 +415,20 @@ def _read_block(connection: socket.socket, deadline: float, name: str) -> bytes:
 
 
 def private_values(item: WorklistItem) -> list[str]:
-    """The patient's identifiers and name parts, kept out of recorded errors."""
-    parts = [item.patient_id, item.issuer_of_patient_id, item.accession_number]
-    parts += [p for p in re.split(r"[\^=]", item.patient_name)]
+    """The patient's identifiers, name parts and birth date, and the order numbers, kept out
+    of recorded errors."""
+    parts = [item.patient_id, item.issuer_of_patient_id, item.accession_number,
+             item.patient_birth_date]
+    parts += [p for p in re.split(r"[\^= ]", item.patient_name)]
+    parts += [n for o in item.orders for n in (o.placer_order_number, o.filler_order_number)]
     return [p for p in parts if len(p) >= 2]
 
 
 def cleared(text: str, private: Iterable[str]) -> str:
-    """``text`` (the receiver's own words) without the patient's identifiers, shortened."""
+    """``text`` (the receiver's own words) without the patient's identifiers (in any case),
+    shortened."""
     for value in sorted((v for v in private if v), key=len, reverse=True):
-        text = text.replace(value, "…")
+        text = re.sub(re.escape(value), "…", text, flags=re.IGNORECASE)
     return text[:200]
 
 

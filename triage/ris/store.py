@@ -52,11 +52,15 @@ def _by_accession(accession: str) -> str:
     return f"{PREFIX}:by-accession:{accession}"
 
 
-def save(connection: redis.Redis, order: Order, *, days: int) -> None:
-    """Store (or replace) ``order`` and index it, in one transaction."""
+def save(connection: redis.Redis, order: Order, *, days: int,
+         previous: Order | None = None) -> None:
+    """Store (or replace) ``order`` and index it, in one transaction; the index entries of
+    its ``previous`` state that no longer hold are dropped."""
     ttl = days * 24 * 3600
     pipe = connection.pipeline(transaction=True)
     pipe.set(_order_key(order.key), order.model_dump_json(), ex=ttl)
+    for stale in set(_indexes(previous) if previous else []) - set(_indexes(order)):
+        pipe.srem(stale, order.key)
     for index in _indexes(order):
         pipe.sadd(index, order.key)
         pipe.expire(index, ttl)
