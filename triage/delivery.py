@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import redis
@@ -305,18 +305,28 @@ def notification(settings: Settings, item: WorklistItem) -> dict[str, Any]:
     }
 
 
+class _Named(Protocol):
+    name: str
+
+
+Target = TypeVar("Target", bound=_Named)
+
+
+def configured(targets: Iterable[Target], name: str, what: str) -> Target:
+    """The configured ``what`` (a destination, a webhook, ...) called ``name``; a job for one
+    no longer configured fails for good."""
+    for target in targets:
+        if target.name == name:
+            return target
+    raise PermanentError(f"no {what} {name} is configured")
+
+
 def _destination(settings: Settings, name: str) -> Destination:
-    for destination in settings.destinations:
-        if destination.name == name:
-            return destination
-    raise PermanentError(f"no destination {name} is configured")
+    return configured(settings.destinations, name, "destination")
 
 
 def _webhook(settings: Settings, name: str) -> Webhook:
-    for webhook in settings.webhooks:
-        if webhook.name == name:
-            return webhook
-    raise PermanentError(f"no webhook {name} is configured")
+    return configured(settings.webhooks, name, "webhook")
 
 
 def undelivered(connection: redis.Redis) -> list[tuple[WorklistItem, DeliveryItem]]:

@@ -56,6 +56,10 @@ class StudySnapshot:
         return fingerprint(i for s in self.series for i in s.instance_ids)
 
     @property
+    def issuer_of_patient_id(self) -> str:
+        return str(self.first_instance.get("IssuerOfPatientID") or "")
+
+    @property
     def modalities(self) -> str:
         return "/".join(sorted({s.info.modality for s in self.series if s.info.modality}))
 

@@ -233,10 +233,7 @@ def _reindex_study(watcher: Watcher, registry: ModelRegistry, study_id: str, las
 def _with_orders(watcher: Watcher, snapshot: StudySnapshot, item: WorklistItem
                  ) -> WorklistItem:
     """``item`` with the RIS orders still kept for the study (and the floor they give)."""
-    return intake.with_orders(item, intake.orders_for(
-        watcher.redis, study_uid=snapshot.study_instance_uid,
-        accession_number=snapshot.accession_number, patient_id=snapshot.patient_id,
-        issuer=str(snapshot.first_instance.get("IssuerOfPatientID") or "")))
+    return intake.with_orders(item, intake.orders_of(watcher.redis, snapshot))
 
 
 def _count_queued(report: ReindexReport, queued: bool) -> None:

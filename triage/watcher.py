@@ -375,10 +375,7 @@ class Watcher:
                                      emergency_locations=self.settings.emergency_locations,
                                      emergency_aets=self.settings.emergency_aets)
         # The RIS's orders for the study (received before it was complete) raise the floor.
-        orders = intake.orders_for(
-            self.redis, study_uid=snapshot.study_instance_uid,
-            accession_number=snapshot.accession_number, patient_id=snapshot.patient_id,
-            issuer=str(snapshot.first_instance.get("IssuerOfPatientID") or ""))
+        orders = intake.orders_of(self.redis, snapshot)
         clinical = intake.clinical_with_orders(clinical, orders)
         queue: QueueName | None = None
 
@@ -417,11 +414,8 @@ class Watcher:
         orders and the item's creation (the listener found no item for them then, and the
         item was written without them), and move the study's analysis to the urgent queue if
         they make it urgent."""
-        issuer = str(snapshot.first_instance.get("IssuerOfPatientID") or "")
-        late = [o for o in intake.orders_for(
-            self.redis, study_uid=snapshot.study_instance_uid,
-            accession_number=snapshot.accession_number, patient_id=snapshot.patient_id,
-            issuer=issuer) if (o.key, o.updated_at) not in applied]
+        late = [o for o in intake.orders_of(self.redis, snapshot)
+                if (o.key, o.updated_at) not in applied]
         if late:  # fenced, as every worklist write of the watcher
             raised = self.worklist.update(snapshot.study_instance_uid,
                                           lambda item: intake.with_orders(item, late),
@@ -464,7 +458,7 @@ class Watcher:
             "accession_number": snapshot.accession_number,
             "patient_name": snapshot.patient_name,
             "patient_id": snapshot.patient_id,
-            "issuer_of_patient_id": str(snapshot.first_instance.get("IssuerOfPatientID") or ""),
+            "issuer_of_patient_id": snapshot.issuer_of_patient_id,
             "patient_birth_date": snapshot.patient_birth_date,
             "patient_sex": snapshot.patient_sex,
             "patient_age": snapshot.patient_age,

@@ -20,7 +20,7 @@ from fhir.resources.diagnosticreport import DiagnosticReport as DiagnosticReport
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport as DiagnosticReportR4B
 from pydantic import ValidationError
 
-from triage.delivery import _attempt, current_result
+from triage.delivery import _attempt, configured, current_result
 from triage.errors import PermanentError, TransientError
 from triage.ris.results import cleared, private_values
 from triage.settings import FhirDestination, Settings
@@ -206,7 +206,7 @@ def deliver_fhir(study_uid: str, sr_uid: str, destination_name: str) -> str:
     from triage.jobs import context
 
     ctx = context()
-    destination = _fhir_destination(ctx.settings, destination_name)
+    destination = configured(ctx.settings.fhir_destinations, destination_name, "FHIR destination")
 
     def send() -> None:
         item = current_result(ctx.worklist, study_uid, sr_uid)
@@ -265,10 +265,3 @@ def _outcome(response: httpx.Response) -> str:
         return ""
     return "; ".join(str(i.get("diagnostics") or i.get("code") or "")
                      for i in body.get("issue", []) if isinstance(i, dict))
-
-
-def _fhir_destination(settings: Settings, name: str) -> FhirDestination:
-    for destination in settings.fhir_destinations:
-        if destination.name == name:
-            return destination
-    raise PermanentError(f"no FHIR destination {name} is configured")

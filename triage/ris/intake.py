@@ -21,6 +21,7 @@ from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
+from triage.ingest import StudySnapshot
 from triage.logs import pseudonym
 from triage.priority import ClinicalPriority, PriorityClass, highest
 from triage.queues import QueueName
@@ -38,6 +39,13 @@ def orders_for(connection: redis.Redis, *, study_uid: str, accession_number: str
                                         accession_number=accession_number)
             if matches(o, study_uid=study_uid, accession_number=accession_number,
                        patient_id=patient_id, issuer=issuer)]
+
+
+def orders_of(connection: redis.Redis, snapshot: StudySnapshot) -> list[Order]:
+    """The stored orders that belong to the study of ``snapshot``."""
+    return orders_for(connection, study_uid=snapshot.study_instance_uid,
+                      accession_number=snapshot.accession_number,
+                      patient_id=snapshot.patient_id, issuer=snapshot.issuer_of_patient_id)
 
 
 def clinical_with_orders(clinical: ClinicalPriority, orders: Iterable[Order]

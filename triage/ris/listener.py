@@ -37,7 +37,7 @@ import redis
 from hl7.mllp import start_hl7_server
 
 from triage.ris import intake, store
-from triage.ris.orders import OrderError, message_type, parse_message, read_orders
+from triage.ris.orders import OrderError, header, message_type, parse_message, read_orders
 from triage.settings import RisSender, Settings
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def acknowledgement(message: hl7.Message | None, code: str, text: str,
         ack = blank.create_ack(code, message_id=_control_id(message or blank),
                                application=settings.hl7_application,
                                facility=settings.hl7_facility or None)
-        control = _header(message, "MSH.10")
+        control = header(message, "MSH.10") if message is not None else ""
         if control:
             ack["MSA.2"] = blank.escape(control[:20])
     if text:
@@ -118,13 +118,7 @@ def _control_id(message: hl7.Message) -> str:
 
 def _admitted(message: hl7.Message, peer: Peer, settings: Settings) -> str | None:
     """The name of the configured sender the message comes from, or None."""
-    def header(key: str) -> str:
-        try:
-            return message.unescape(str(message[key])).strip()
-        except (KeyError, IndexError):
-            return ""
-
-    application, facility = header("MSH.3.1.1"), header("MSH.4.1.1")
+    application, facility = header(message, "MSH.3.1.1"), header(message, "MSH.4.1.1")
     for sender in peer.senders(settings):
         if sender.application is not None and sender.application != application:
             continue
@@ -139,7 +133,7 @@ def _admitted(message: hl7.Message, peer: Peer, settings: Settings) -> str | Non
 def answer(block: bytes, peer: Peer, connection: redis.Redis, settings: Settings) -> Answer:
     """Read one framed message, take its orders, and say what the sender gets."""
     text = decode(block)
-    message = None
+    message, sender = None, None
     try:
         message = parse_message(text)
         sender = _admitted(message, peer, settings)
@@ -158,22 +152,14 @@ def answer(block: bytes, peer: Peer, connection: redis.Redis, settings: Settings
         if message is not None:
             kind = "^".join(p for p in message_type(message) if p)
         _keep(connection, peer, refused.answer, refused.reason, len(block), text,
-              message_type=kind, control_id=_header(message, "MSH.10"),
-              sender=_admitted(message, peer, settings) if message is not None else None)
+              message_type=kind,
+              control_id=header(message, "MSH.10")[:64] if message is not None else "",
+              sender=sender)
         return Answer(refused.answer, refused.reason,
                       acknowledgement(message, refused.answer, refused.reason, settings))
     log.info("order message from %s taken (%d order%s)", sender, len(orders),
              "" if len(orders) == 1 else "s")
     return Answer("AA", "", acknowledgement(message, "AA", "", settings))
-
-
-def _header(message: hl7.Message | None, key: str) -> str:
-    if message is None:
-        return ""
-    try:
-        return message.unescape(str(message[key]))[:64]
-    except (KeyError, IndexError):
-        return ""
 
 
 def _keep(connection: redis.Redis, peer: Peer, answer_code: str, reason: str, size: int,

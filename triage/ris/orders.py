@@ -224,6 +224,12 @@ def parse_message(text: str) -> hl7.Message:
         raise OrderError("AR", f"not parseable as HL7 v2 ({type(error).__name__})") from error
 
 
+def header(message: hl7.Message, key: str) -> str:
+    """A value of the message's header (``"MSH.10"``, ``"MSH.3.1.1"``), unescaped; ''
+    when absent."""
+    return _Reader(message).header(key)
+
+
 def message_type(message: hl7.Message) -> tuple[str, str]:
     reader = _Reader(message)
     return reader.header("MSH.9.1.1").upper(), reader.header("MSH.9.1.2").upper()

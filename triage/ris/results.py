@@ -27,7 +27,7 @@ from hl7apy.core import Element, Message
 from hl7apy.exceptions import HL7apyException
 from hl7apy.factories import datatype_factory
 
-from triage.delivery import _attempt, current_result
+from triage.delivery import _attempt, configured, current_result
 from triage.errors import PermanentError, TransientError
 from triage.settings import RisDestination, Settings
 from triage.worklist import FindingItem, OrderStatus, WorklistItem, utcnow
@@ -330,7 +330,7 @@ def deliver_hl7(study_uid: str, sr_uid: str, destination_name: str) -> str:
     from triage.jobs import context
 
     ctx = context()
-    destination = _ris_destination(ctx.settings, destination_name)
+    destination = configured(ctx.settings.ris_destinations, destination_name, "RIS destination")
 
     def send() -> None:
         item = current_result(ctx.worklist, study_uid, sr_uid)
@@ -430,10 +430,3 @@ def cleared(text: str, private: Iterable[str]) -> str:
     for value in sorted((v for v in private if v), key=len, reverse=True):
         text = re.sub(re.escape(value), "…", text, flags=re.IGNORECASE)
     return text[:200]
-
-
-def _ris_destination(settings: Settings, name: str) -> RisDestination:
-    for destination in settings.ris_destinations:
-        if destination.name == name:
-            return destination
-    raise PermanentError(f"no RIS destination {name} is configured")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import cast
 
 import redis
 from pydantic import BaseModel, Field, ValidationError
@@ -105,11 +106,9 @@ def candidates(connection: redis.Redis, *, study_uid: str, accession_number: str
                ) -> list[Order]:
     """Orders that may belong to a study: those naming its Study Instance UID and those
     with its accession number (the caller checks the patient, see ``orders.matches``)."""
-    pipe = connection.pipeline(transaction=False)
-    pipe.smembers(_by_uid(study_uid))
-    pipe.smembers(_by_accession(accession_number) if accession_number else _by_uid(""))
-    by_uid, by_accession = pipe.execute()
-    return _load_many(connection, set(by_uid) | set(by_accession))
+    indexes = [_by_uid(study_uid)] + ([_by_accession(accession_number)]
+                                      if accession_number else [])
+    return _load_many(connection, cast(set[bytes], connection.sunion(indexes)))
 
 
 def keep_rejected(connection: redis.Redis, message: RejectedMessage) -> None:
